@@ -1,0 +1,87 @@
+//! Backends mint and revoke one kind of credential each.
+
+pub mod jwt;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::ledger::CredentialRow;
+use crate::oidc::Claims;
+use crate::policy::{AuthorizedGrant, BackendKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend could not be reached or answered an error; the message never holds a secret.
+    #[error("{backend} backend unavailable: {message}")]
+    Unavailable { backend: BackendKind, message: String },
+    /// The grant cannot be minted as asked (a misconfiguration found at mint time).
+    #[error("{backend} backend refused the grant: {message}")]
+    Refused { backend: BackendKind, message: String },
+    /// The stored revocation handle cannot be used.
+    #[error("{backend} backend: bad revocation handle: {message}")]
+    BadHandle { backend: BackendKind, message: String },
+}
+
+/// Everything a backend needs to mint one grant.
+#[derive(Debug)]
+pub struct MintRequest<'a> {
+    pub credential_id: Uuid,
+    pub grant: &'a AuthorizedGrant,
+    pub agent: &'a str,
+    pub capability: &'a str,
+    pub claims: &'a Claims,
+    pub now: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The secret fields of one credential, returned to the caller exactly once.
+///
+/// `Debug` prints only the field names, so a secret cannot reach a log by accident.
+pub struct SecretFields(pub Map<String, Value>);
+
+impl fmt::Debug for SecretFields {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// What a backend returns for one minted grant.
+#[derive(Debug)]
+pub struct Minted {
+    /// The fields that go into the credential object of the response.
+    pub secret: SecretFields,
+    /// The RFC 8693 `access_token` when this grant comes first.
+    pub access_token: secrecy::SecretString,
+    /// The RFC 8693 `issued_token_type` when this grant comes first.
+    pub issued_token_type: &'static str,
+    /// `Bearer` or `N_A`.
+    pub token_type: &'static str,
+    /// What revocation needs, in plain text; the broker seals it before it is stored.
+    pub handle: Option<secrecy::SecretBox<Vec<u8>>>,
+    /// Base64 SHA-256 of the secret, the form GitHub's audit log uses for `hashed_token`.
+    pub fingerprint: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One kind of credential.
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug {
+    fn kind(&self) -> BackendKind;
+
+    async fn mint(&self, request: MintRequest<'_>) -> Result<Minted, BackendError>;
+
+    /// Revokes one credential; `handle` is the unsealed handle recorded at mint. Already revoked
+    /// or expired counts as done.
+    async fn revoke(&self, credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError>;
+}
+
+/// Base64 (standard, padded) SHA-256 of a secret.
+pub fn fingerprint(secret: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(secret))
+}

@@ -1,0 +1,481 @@
+//! `latchkey.toml`: the typed configuration.
+//!
+//! Every table uses `deny_unknown_fields`, so that a misspelt key is a load error rather than a
+//! silently ignored setting. Secrets are never inline: they are read from files (or the
+//! environment) and held as [`SecretString`] so that they cannot reach `Debug` output.
+//!
+//! Loading order: the TOML file, then `LATCHKEY_*` environment overrides for the scalar
+//! settings an operator commonly changes per deployment (see [`Config::apply_env`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors found while reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub sealing: SealingConfig,
+    #[serde(default)]
+    pub policies: PoliciesConfig,
+    #[serde(default, rename = "issuer")]
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub backends: BackendsConfig,
+    #[serde(default, rename = "admin_key")]
+    pub admin_keys: Vec<AdminKeyConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Set by `latchkey dev` only: the built-in development issuer. Not accepted from a file.
+    #[serde(skip)]
+    pub dev_mode: bool,
+    /// Directory the config file lives in; relative paths in it resolve against this.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// `/metrics`, `/healthz`, `/readyz`; when unset they are served on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// Required in every subject token's `aud`.
+    pub audience: String,
+    /// Public URL of this broker; the `iss` of latchkey-signed JWTs. Defaults to `audience`.
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { url: "sqlite://latchkey.db".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealingConfig {
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+impl Default for SealingConfig {
+    fn default() -> Self {
+        Self { key_file: "latchkey.key".into(), previous_key_files: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesConfig {
+    pub dir: PathBuf,
+    /// How often the policy directory is checked for changes. SIGHUP reloads at once.
+    #[serde(default = "default_reload_interval", with = "humantime_serde_compat")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        Self { dir: "policies".into(), reload_interval: default_reload_interval() }
+    }
+}
+
+/// The kind of an issuer decides how the canonical `repository` and `workflow` fields are
+/// derived from its claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IssuerKind {
+    /// GitHub Actions (github.com or GitHub Enterprise Server).
+    Github,
+    /// GitLab CI (gitlab.com or self-managed).
+    Gitlab,
+    /// Any other OIDC issuer (CircleCI, Buildkite, ...): no canonical mapping beyond `sub`.
+    Generic,
+}
+
+/// One trusted OIDC issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    pub id: String,
+    pub kind: IssuerKind,
+    /// Compared as an exact string with the token's `iss` and the discovered `issuer`.
+    pub url: String,
+    /// Allowed signing algorithms; defaults to RS256 only.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Tokens whose `iat` is older than this are refused.
+    #[serde(default, with = "humantime_serde_compat::option")]
+    pub max_token_age: Option<Duration>,
+    /// A `jti` is required and may be exchanged once per capability.
+    #[serde(default = "default_true")]
+    pub single_use: bool,
+    /// Claims every token of this issuer must carry, with one of the listed values, before any
+    /// policy is looked at.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, Vec<String>>,
+    /// Overrides the discovered `jwks_uri`; otherwise it must be on the issuer's host.
+    pub jwks_uri: Option<String>,
+    /// The audience tokens of this issuer must carry; defaults to `server.audience`.
+    pub audience: Option<String>,
+    /// Canonical-field overrides for `generic` issuers, e.g. `repository_claim = "project"`.
+    pub repository_claim: Option<String>,
+    pub workflow_claim: Option<String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into()]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendsConfig {
+    #[serde(default)]
+    pub github: Vec<GithubAppConfig>,
+    pub aws: Option<toml::Table>,
+    pub vault: Option<toml::Table>,
+    #[serde(default)]
+    pub jwt: JwtBackendConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubAppConfig {
+    pub id: String,
+    pub app_id: u64,
+    pub private_key_file: PathBuf,
+    #[serde(default = "default_github_api")]
+    pub api_url: String,
+}
+
+fn default_github_api() -> String {
+    "https://api.github.com".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtBackendConfig {
+    /// Whether policies may use `backend = "jwt"`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for JwtBackendConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Roles are ordered: each includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Service,
+    Auditor,
+    Security,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Service => "service",
+            Role::Auditor => "auditor",
+            Role::Security => "security",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKeyConfig {
+    pub name: String,
+    pub role: Role,
+    /// Lowercase hex SHA-256 of the key. The key itself is never stored.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `"stdout"`, or a file path that JSON lines are appended to.
+    pub stream: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Concurrent revocation jobs.
+    #[serde(default = "default_job_concurrency")]
+    pub job_concurrency: usize,
+    /// Timeout of every outbound call (issuer discovery, JWKS, backends).
+    #[serde(default = "default_outbound_timeout", with = "humantime_serde_compat")]
+    pub outbound_timeout: Duration,
+}
+
+fn default_job_concurrency() -> usize {
+    8
+}
+
+fn default_outbound_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { job_concurrency: default_job_concurrency(), outbound_timeout: default_outbound_timeout() }
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies `LATCHKEY_*` overrides and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config = Self::parse(&text, path)?;
+        config.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// `LATCHKEY_LISTEN`, `LATCHKEY_ADMIN_LISTEN`, `LATCHKEY_STORE_URL`, `LATCHKEY_AUDIENCE`,
+    /// `LATCHKEY_SEALING_KEY_FILE`, `LATCHKEY_POLICIES_DIR`, `LATCHKEY_AUDIT_STREAM`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |name: &str, e: &dyn std::fmt::Display| ConfigError::Invalid(format!("{name}: {e}"));
+        if let Some(v) = var("LATCHKEY_LISTEN") {
+            self.server.listen = v.parse().map_err(|e| bad("LATCHKEY_LISTEN", &e))?;
+        }
+        if let Some(v) = var("LATCHKEY_ADMIN_LISTEN") {
+            self.server.admin_listen = Some(v.parse().map_err(|e| bad("LATCHKEY_ADMIN_LISTEN", &e))?);
+        }
+        if let Some(v) = var("LATCHKEY_STORE_URL") {
+            self.store.url = v;
+        }
+        if let Some(v) = var("LATCHKEY_AUDIENCE") {
+            self.server.audience = v;
+        }
+        if let Some(v) = var("LATCHKEY_SEALING_KEY_FILE") {
+            self.sealing.key_file = v.into();
+        }
+        if let Some(v) = var("LATCHKEY_POLICIES_DIR") {
+            self.policies.dir = v.into();
+        }
+        if let Some(v) = var("LATCHKEY_AUDIT_STREAM") {
+            self.audit.stream = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot: uniqueness, URL schemes, algorithm names, key formats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.audience.trim().is_empty() {
+            return invalid("server.audience must not be empty".into());
+        }
+        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+            return invalid("server.tls_cert_file and server.tls_key_file go together".into());
+        }
+        let mut ids = std::collections::HashSet::new();
+        for issuer in &self.issuers {
+            if !ids.insert(issuer.id.as_str()) {
+                return invalid(format!("issuer id {:?} is configured twice", issuer.id));
+            }
+            check_issuer_url(&issuer.url).map_err(|m| ConfigError::Invalid(format!("issuer {}: {m}", issuer.id)))?;
+            if let Some(jwks) = &issuer.jwks_uri {
+                check_issuer_url(jwks)
+                    .map_err(|m| ConfigError::Invalid(format!("issuer {} jwks_uri: {m}", issuer.id)))?;
+            }
+            if issuer.algorithms.is_empty() {
+                return invalid(format!("issuer {}: algorithms must not be empty", issuer.id));
+            }
+            for alg in &issuer.algorithms {
+                if !ALLOWED_ALGORITHMS.contains(&alg.as_str()) {
+                    return invalid(format!(
+                        "issuer {}: algorithm {alg:?} is not allowed (allowed: {})",
+                        issuer.id,
+                        ALLOWED_ALGORITHMS.join(", ")
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for key in &self.admin_keys {
+            if !names.insert(key.name.as_str()) {
+                return invalid(format!("admin_key name {:?} is configured twice", key.name));
+            }
+            if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return invalid(format!("admin_key {}: sha256 must be 64 lowercase hex digits", key.name));
+            }
+        }
+        let mut apps = std::collections::HashSet::new();
+        for app in &self.backends.github {
+            if !apps.insert(app.id.as_str()) {
+                return invalid(format!("backends.github id {:?} is configured twice", app.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a path from the config file against the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() { path.to_owned() } else { self.base_dir.join(path) }
+    }
+
+    /// The `iss` of latchkey-signed JWTs.
+    pub fn public_url(&self) -> &str {
+        self.server.public_url.as_deref().unwrap_or(&self.server.audience)
+    }
+}
+
+/// Asymmetric algorithms only: `none` and every HMAC algorithm are refused by construction.
+pub const ALLOWED_ALGORITHMS: &[&str] =
+    &["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"];
+
+/// Issuer and JWKS URLs are https; plain http only for loopback addresses (tests, `dev`).
+pub fn check_issuer_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback_host(&url) => Ok(url),
+        "http" => Err(format!("{raw:?} must use https (http is allowed only for loopback addresses)")),
+        other => Err(format!("{raw:?}: scheme {other:?} is not allowed")),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+/// Parses durations such as `"15m"`, `"1h30m"`, `"90s"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// Serde helpers for humantime durations (`"10m"`).
+pub mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s: Option<String> = Option::deserialize(d)?;
+            s.map(|s| super::super::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8443"
+audience = "https://latchkey.example.com"
+
+[[issuer]]
+id = "github-actions"
+kind = "github"
+url = "https://token.actions.githubusercontent.com"
+max_token_age = "10m"
+required_claims = { repository_owner_id = ["1234567"] }
+"#;
+
+    #[test]
+    fn parses_a_minimal_config_with_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.store.url, "sqlite://latchkey.db");
+        assert!(c.issuers[0].single_use);
+        assert_eq!(c.issuers[0].algorithms, ["RS256"]);
+        assert_eq!(c.issuers[0].max_token_age, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = MINIMAL.replace("audience =", "audiance = \"x\"\naudience =");
+        let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("audiance"), "{err}");
+    }
+
+    #[test]
+    fn hmac_and_none_are_refused() {
+        for alg in ["HS256", "none"] {
+            let text = MINIMAL.replace("max_token_age", &format!("algorithms = [\"{alg}\"]\nmax_token_age"));
+            let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+            assert!(c.validate().is_err(), "{alg} accepted");
+        }
+    }
+
+    #[test]
+    fn http_issuers_only_on_loopback() {
+        assert!(check_issuer_url("http://127.0.0.1:8080").is_ok());
+        assert!(check_issuer_url("http://localhost:8080/x").is_ok());
+        assert!(check_issuer_url("http://example.com").is_err());
+        assert!(check_issuer_url("file:///etc/passwd").is_err());
+        assert!(check_issuer_url("https://example.com").is_ok());
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        c.apply_env(|n| (n == "LATCHKEY_STORE_URL").then(|| "sqlite://other.db".to_string())).unwrap();
+        assert_eq!(c.store.url, "sqlite://other.db");
+    }
+}

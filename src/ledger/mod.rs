@@ -1,0 +1,364 @@
+//! The ledger: exchanges, credentials, kill rules, jobs and the audit chain.
+//!
+//! One [`Ledger`] trait, one implementation per store, chosen at start-up from the store URL.
+//! Every method that changes state also takes the audit event(s) that record the change and
+//! writes them in the same transaction, so the audit chain can never disagree with the data.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::audit::{AuditEvent, StoredEvent};
+use crate::kill::{KillRule, KillSubject};
+use crate::policy::BackendKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store cannot be reached or refused the write (disk full, read-only, locked).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The schema is older or newer than this binary; run `latchkey migrate`.
+    #[error("{0}")]
+    Schema(String),
+    #[error("not found")]
+    NotFound,
+    /// A state transition that the row's current state does not allow.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Stored data that cannot be read back (a corrupt row, an unparsable column).
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+}
+
+/// Where an exchange stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeState {
+    /// Intent recorded, minting under way (or interrupted by a crash).
+    Pending,
+    /// Credentials issued.
+    Allowed,
+    /// Refused: no policy, a kill rule, or a rejected subject token.
+    Denied,
+    /// A backend failed; everything minted was revoked.
+    Failed,
+}
+
+impl ExchangeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeState::Pending => "pending",
+            ExchangeState::Allowed => "allowed",
+            ExchangeState::Denied => "denied",
+            ExchangeState::Failed => "failed",
+        }
+    }
+}
+
+/// One exchange request and its decision. Never holds a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeRow {
+    pub id: Uuid,
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+    pub state: ExchangeState,
+    /// The RFC 6749 error code for refusals (`access_denied`, `invalid_grant`, …), else empty.
+    pub error: Option<String>,
+    /// The full reason, for auditors: never shown to the caller.
+    pub reason: Option<String>,
+    pub issuer: Option<String>,
+    pub subject: Option<String>,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub capability: Option<String>,
+    pub agent: Option<String>,
+    /// The verified claims (JSON object), or `null` when the token was rejected.
+    pub claims: Value,
+    /// The decision trace (JSON array of [`crate::policy::TraceStep`]).
+    pub trace: Value,
+    pub policy_sha256: Option<String>,
+    /// Hex SHA-256 of the release token; the token itself is never stored.
+    pub release_token_sha256: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialState {
+    Pending,
+    Active,
+    Revoked,
+    Expired,
+    /// Minting failed and nothing was issued (or what was issued was revoked).
+    Failed,
+}
+
+impl CredentialState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialState::Pending => "pending",
+            CredentialState::Active => "active",
+            CredentialState::Revoked => "revoked",
+            CredentialState::Expired => "expired",
+            CredentialState::Failed => "failed",
+        }
+    }
+}
+
+/// One credential. `handle` is the sealed revocation handle; never the secret a caller got,
+/// except where revocation needs it (GitHub tokens), and then only sealed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CredentialRow {
+    pub id: Uuid,
+    pub exchange_id: Uuid,
+    pub name: String,
+    pub backend: BackendKind,
+    pub state: CredentialState,
+    pub agent: String,
+    pub capability: String,
+    pub issuer: String,
+    pub subject: String,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub fingerprint: Option<String>,
+    #[serde(skip)]
+    pub handle: Option<Vec<u8>>,
+    /// Set by a kill rule while the row was pending: it must never become active.
+    pub revoke_requested: bool,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The revocation handle of one minted credential, recorded the moment its backend answers.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    /// Sealed with [`crate::seal`]; `None` when the backend needs nothing to revoke.
+    pub sealed: Option<Vec<u8>>,
+    pub fingerprint: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A single-use subject token being spent (DESIGN step 2).
+#[derive(Debug, Clone)]
+pub struct SpentJti {
+    pub issuer: String,
+    pub jti: String,
+    pub capability: String,
+    /// `exp` + leeway: the row can be pruned after this.
+    pub keep_until: DateTime<Utc>,
+}
+
+/// The activation of step 7.
+#[derive(Debug, Clone)]
+pub struct Activate {
+    pub exchange_id: Uuid,
+    /// The kill epoch that the in-memory check of step 3 saw. When the store's epoch differs,
+    /// the rules are read from the store inside the transaction and checked again.
+    pub seen_kill_epoch: i64,
+    /// What kill selectors are matched against.
+    pub subject: KillSubject,
+    pub jti: Option<SpentJti>,
+    /// Jobs to enqueue with the activation (revoke at TTL end).
+    pub jobs: Vec<NewJob>,
+    pub event: AuditEvent,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Activation {
+    Activated,
+    /// A kill rule matched (or a row was marked `revoke_requested`); nothing was activated.
+    Killed {
+        rule_id: Option<Uuid>,
+    },
+    /// The `jti` was already spent for this capability; nothing was activated.
+    Replay,
+}
+
+/// How a failed exchange ends (step 6, all-or-nothing).
+#[derive(Debug, Clone)]
+pub struct Abort {
+    pub exchange_id: Uuid,
+    pub state: ExchangeState,
+    pub error: String,
+    pub reason: String,
+    /// Credentials whose revocation did not succeed: they stay `pending` for the reconciler.
+    pub unrevoked: Vec<Uuid>,
+    pub event: AuditEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Revoke a credential at the end of its policy TTL.
+    RevokeAtTtl,
+    /// Revoke a credential now (kill rule, release, admin).
+    Revoke,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::RevokeAtTtl => "revoke_at_ttl",
+            JobKind::Revoke => "revoke",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub kind: JobKind,
+    pub credential_id: Uuid,
+    pub kill_id: Option<Uuid>,
+    pub run_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: JobKind,
+    pub credential_id: Uuid,
+    pub kill_id: Option<Uuid>,
+    pub run_at: DateTime<Utc>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    /// Done: the credential moves to `state` (revoked or expired), recorded by `event`.
+    Done { state: CredentialState, event: AuditEvent },
+    /// Try again at `run_at`.
+    Retry { run_at: DateTime<Utc>, error: String },
+    /// Given up for good (the credential stays as it is), recorded by `event`.
+    Failed { error: String, event: AuditEvent },
+}
+
+/// A signing key of the `jwt` backend, sealed.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    pub id: String,
+    pub algorithm: String,
+    pub sealed_private: Vec<u8>,
+    /// The public JWK (JSON object).
+    pub public_jwk: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Current kill rules and the epoch they belong to.
+#[derive(Debug, Clone, Default)]
+pub struct KillState {
+    pub epoch: i64,
+    pub rules: Vec<KillRule>,
+}
+
+/// What a kill rule did when it was created.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct KillEffect {
+    /// Pending credentials marked `revoke_requested`.
+    pub pending_marked: Vec<Uuid>,
+    /// Active credentials that got a revocation job.
+    pub jobs: Vec<Uuid>,
+}
+
+#[async_trait]
+pub trait Ledger: Send + Sync + std::fmt::Debug {
+    /// A refused exchange (bad request, rejected token, policy denial): the exchange row with its
+    /// trace, and its audit event.
+    async fn record_refusal(&self, exchange: &ExchangeRow, event: AuditEvent) -> Result<(), LedgerError>;
+
+    /// Step 5: the exchange (state `pending`) and one `pending` credential per grant, durable
+    /// before any backend is called.
+    async fn record_intent(
+        &self,
+        exchange: &ExchangeRow,
+        credentials: &[CredentialRow],
+        event: AuditEvent,
+    ) -> Result<(), LedgerError>;
+
+    /// Step 6: a grant's revocation handle, recorded as soon as its backend answers.
+    async fn record_handle(&self, credential_id: Uuid, handle: &Handle) -> Result<(), LedgerError>;
+
+    /// Step 7: flips the exchange's credentials from `pending` to `active`, spends the `jti` and
+    /// enqueues the TTL jobs, in one transaction serialized with kill creation. Nothing changes
+    /// unless the answer is [`Activation::Activated`].
+    async fn activate(&self, activate: Activate) -> Result<Activation, LedgerError>;
+
+    /// Ends an exchange that could not complete: its credentials become `failed` (except
+    /// `unrevoked`, left `pending` for the reconciler) and the exchange `failed` or `denied`.
+    async fn abort(&self, abort: Abort) -> Result<(), LedgerError>;
+
+    /// Whether a `jti` was already spent for this capability (an early, advisory check; the
+    /// binding one is inside [`Ledger::activate`]).
+    async fn jti_spent(&self, issuer: &str, jti: &str, capability: &str) -> Result<bool, LedgerError>;
+
+    async fn exchange(&self, id: Uuid) -> Result<Option<ExchangeRow>, LedgerError>;
+    async fn credential(&self, id: Uuid) -> Result<Option<CredentialRow>, LedgerError>;
+    async fn credentials_of_exchange(&self, exchange_id: Uuid) -> Result<Vec<CredentialRow>, LedgerError>;
+
+    /// `pending` credentials created before `before`: what the reconciler looks at.
+    async fn pending_credentials(&self, before: DateTime<Utc>) -> Result<Vec<CredentialRow>, LedgerError>;
+
+    /// Moves a credential to `to` if it is in one of `from`; returns whether it moved. The event
+    /// is written only when it did.
+    async fn transition_credential(
+        &self,
+        id: Uuid,
+        from: &[CredentialState],
+        to: CredentialState,
+        event: AuditEvent,
+    ) -> Result<bool, LedgerError>;
+
+    /// Creates a kill rule under the kill lock: bumps the epoch, marks matching `pending` rows
+    /// `revoke_requested`, enqueues one `revoke` job per matching `active` credential.
+    async fn create_kill(&self, rule: &KillRule, event: AuditEvent) -> Result<KillEffect, LedgerError>;
+
+    /// The kill rules in force (not lifted, not lapsed at `now`) and the current epoch.
+    async fn kill_state(&self, now: DateTime<Utc>) -> Result<KillState, LedgerError>;
+
+    async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError>;
+    /// Claims up to `limit` jobs due at `now`, hidden from other workers until `lease_until`.
+    async fn claim_jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>, LedgerError>;
+    async fn finish_job(&self, job: &Job, outcome: JobOutcome) -> Result<(), LedgerError>;
+    /// Jobs not yet done, for metrics.
+    async fn job_queue_depth(&self) -> Result<u64, LedgerError>;
+
+    /// Appends one event on its own (admin calls, policy reloads).
+    async fn append_event(&self, event: AuditEvent) -> Result<(), LedgerError>;
+    /// Events with a sequence number above `after`, in order.
+    async fn events(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, LedgerError>;
+
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError>;
+    async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError>;
+
+    /// Deletes spent `jti`s past their `keep_until`.
+    async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError>;
+
+    /// Whether the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), LedgerError>;
+}
+
+/// Opens the ledger named by a store URL. `migrate` applies pending migrations first (`dev`,
+/// `migrate`); otherwise an unmigrated or newer schema is an error.
+pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Ledger>, LedgerError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        sqlite::open(std::path::Path::new(path), migrate).await
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Err(LedgerError::Schema("the PostgreSQL store is not available in this build".into()))
+    } else {
+        Err(LedgerError::Schema(format!("unsupported store URL {url:?}: use sqlite://PATH")))
+    }
+}

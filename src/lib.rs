@@ -1,0 +1,13 @@
+//! latchkey: an ephemeral credential broker.
+//!
+//! A CI job trades the OIDC token its platform gives it for short-lived credentials scoped to a
+//! named capability, if a policy allows it. See `docs/ARCHITECTURE.md` for the walk-through.
+
+pub mod app;
+pub mod audit;
+pub mod backend;
+pub mod config;
+pub mod kill;
+pub mod ledger;
+pub mod oidc;
+pub mod policy;
