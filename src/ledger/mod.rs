@@ -159,6 +159,8 @@ pub struct SpentJti {
 #[derive(Debug, Clone)]
 pub struct Activate {
     pub exchange_id: Uuid,
+    /// Kill rules are judged in force at this time.
+    pub now: DateTime<Utc>,
     /// The kill epoch that the in-memory check of step 3 saw. When the store's epoch differs,
     /// the rules are read from the store inside the transaction and checked again.
     pub seen_kill_epoch: i64,
