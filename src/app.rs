@@ -38,3 +38,119 @@ impl Clock for ManualClock {
         *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use crate::backend::Backend;
+use crate::backend::jwt::JwtBackend;
+use crate::config::{AdminKeyConfig, Config, Role};
+use crate::ledger::{KillState, Ledger};
+use crate::metrics::Metrics;
+use crate::oidc::Verifier;
+use crate::policy::{BackendKind, PolicySet};
+use crate::seal::Sealer;
+
+/// Everything a request or a background task needs. One per process, shared as [`AppState`].
+#[derive(Debug)]
+pub struct App {
+    /// The loaded configuration.
+    pub config: Config,
+    /// The only source of the current time.
+    pub clock: Arc<dyn Clock>,
+    /// Exchanges, credentials, kill rules, jobs and the audit chain.
+    pub ledger: Arc<dyn Ledger>,
+    /// Subject-token verification against the configured issuers.
+    pub verifier: Verifier,
+    /// The policy set in force; replaced whole on reload.
+    pub policies: Swap<PolicySet>,
+    /// The kill rules in force, refreshed from the ledger at least every second.
+    pub kills: Swap<KillSnapshot>,
+    /// One backend per kind that is configured.
+    pub backends: HashMap<BackendKind, Arc<dyn Backend>>,
+    /// The `jwt` backend, also needed for the JWKS and introspection.
+    pub jwt: Arc<JwtBackend>,
+    /// Seals revocation handles and signing keys.
+    pub sealer: Sealer,
+    /// Admin keys by the SHA-256 of the key.
+    pub admin_keys: AdminKeys,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+}
+
+/// The shared handle on the [`App`] that axum hands to each handler.
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+/// A value read on every request and replaced whole now and then: readers take a cheap `Arc`.
+#[derive(Debug, Default)]
+pub struct Swap<T>(RwLock<Arc<T>>);
+
+impl<T> Swap<T> {
+    pub fn new(value: T) -> Self {
+        Self(RwLock::new(Arc::new(value)))
+    }
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+    }
+}
+
+/// The kill rules as last read from the ledger, and when.
+#[derive(Debug, Clone)]
+pub struct KillSnapshot {
+    pub state: KillState,
+    pub loaded_at: DateTime<Utc>,
+}
+
+/// The configured admin keys. Keys are compared by their SHA-256 in constant time.
+#[derive(Debug, Default)]
+pub struct AdminKeys(Vec<([u8; 32], String, Role)>);
+
+impl AdminKeys {
+    pub fn new(keys: &[AdminKeyConfig]) -> Self {
+        Self(
+            keys.iter()
+                .filter_map(|k| {
+                    let digest: [u8; 32] = hex::decode(&k.sha256).ok()?.try_into().ok()?;
+                    Some((digest, k.name.clone(), k.role))
+                })
+                .collect(),
+        )
+    }
+
+    /// The name and role of the key, if it is one of ours. Every configured key is compared, in
+    /// constant time, so the time taken says nothing about which one (nearly) matched.
+    pub fn lookup(&self, presented: &str) -> Option<(String, Role)> {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for (hash, name, role) in &self.0 {
+            if bool::from(hash.ct_eq(&digest)) {
+                found = Some((name.clone(), *role));
+            }
+        }
+        found
+    }
+}
+
+/// A new admin key: the key (shown once) and the SHA-256 the config keeps.
+pub fn new_admin_key() -> (String, String) {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).expect("the system random source works");
+    let key = format!("lk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    (key, hash)
+}

@@ -6,8 +6,15 @@
 pub mod app;
 pub mod audit;
 pub mod backend;
+pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod http;
 pub mod kill;
 pub mod ledger;
+pub mod metrics;
 pub mod oidc;
 pub mod policy;
+pub mod seal;
+pub mod server;
+pub mod worker;

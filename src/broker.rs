@@ -1,0 +1,438 @@
+//! The exchange: DESIGN.md steps 1–8 in one function, top to bottom.
+//!
+//! Reading the request (step 1: size limits, form or JSON) is the HTTP layer's; everything from
+//! verification to the answer is here, so the order of the security checks can be read in one
+//! place. Every way out of [`exchange`] leaves a ledger row and an audit event behind.
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::audit::{AuditEvent, format_time};
+use crate::backend::{MintRequest, Minted, SecretFields};
+use crate::kill::KillSubject;
+use crate::ledger::{
+    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, JobKind, NewJob,
+    SpentJti,
+};
+use crate::metrics::ExchangeLabels;
+use crate::oidc::VerifiedClaims;
+use crate::policy::{AuthorizedGrant, BackendKind, Narrowing, Outcome};
+
+/// Leeway granted on token times; a spent `jti` is kept until `exp` + this.
+const LEEWAY_SECONDS: i64 = 60;
+
+/// A token-exchange request, parsed and size-checked by the HTTP layer.
+#[derive(Debug)]
+pub struct ExchangeRequest {
+    pub subject_token: SecretString,
+    pub capability: String,
+    pub narrow: Option<Narrowing>,
+    pub request_id: String,
+}
+
+/// One credential handed to the caller.
+#[derive(Debug)]
+pub struct IssuedCredential {
+    pub id: Uuid,
+    pub name: String,
+    pub backend: BackendKind,
+    pub expires_at: DateTime<Utc>,
+    pub fingerprint: String,
+    pub secret: SecretFields,
+}
+
+/// A successful exchange. Holds secrets: it is turned into the response body and dropped.
+#[derive(Debug)]
+pub struct Exchanged {
+    pub exchange_id: Uuid,
+    pub release_token: SecretString,
+    pub capability: String,
+    pub agent: String,
+    pub expires_at: DateTime<Utc>,
+    pub expires_in: i64,
+    pub access_token: SecretString,
+    pub issued_token_type: &'static str,
+    pub token_type: &'static str,
+    pub credentials: Vec<IssuedCredential>,
+}
+
+/// Why an exchange was refused. Messages are what the caller may see: short, and they never
+/// reveal a policy. The full reason is in the ledger and the audit trail.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// A malformed request (RFC 6749 `invalid_request`).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The subject token was rejected, replays included (`invalid_grant`).
+    #[error("{0}")]
+    InvalidGrant(String),
+    /// No policy allows it, a kill rule blocks it, or the narrowing is too wide (`access_denied`).
+    #[error("{0}")]
+    AccessDenied(String),
+    /// A backend or the store failed; nothing was left issued (`temporarily_unavailable`).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ExchangeError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ExchangeError::InvalidRequest(_) => "invalid_request",
+            ExchangeError::InvalidGrant(_) => "invalid_grant",
+            ExchangeError::AccessDenied(_) => "access_denied",
+            ExchangeError::Unavailable(_) => "temporarily_unavailable",
+        }
+    }
+}
+
+/// Runs one token exchange.
+pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, ExchangeError> {
+    let now = app.clock.now();
+    let mut row = ExchangeRow::started(&req, now);
+
+    // Step 2: verify the subject token against its configured issuer.
+    let claims = match app.verifier.verify(req.subject_token.expose_secret()).await {
+        Ok(claims) => claims,
+        Err(e) => {
+            let err = ExchangeError::InvalidGrant(format!("subject token rejected: {e}"));
+            return Err(refuse(app, row, err, e.code().to_owned()).await);
+        }
+    };
+    row.identify(&claims);
+    let single_use = app.verifier.issuer(&claims.issuer).is_none_or(|i| i.single_use);
+    let spent_jti = match (single_use, claims.jti()) {
+        (true, Some(jti)) => {
+            let spent =
+                app.ledger.jti_spent(&claims.issuer, jti, &req.capability).await.map_err(|e| unavailable(&e))?;
+            if spent {
+                let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
+                return Err(refuse(app, row, err, "replayed jti".into()).await);
+            }
+            Some(SpentJti {
+                issuer: claims.issuer.clone(),
+                jti: jti.to_owned(),
+                capability: req.capability.clone(),
+                keep_until: DateTime::from_timestamp(claims.expires_at() + LEEWAY_SECONDS, 0).unwrap_or(now),
+            })
+        }
+        _ => None,
+    };
+
+    // Step 4: authorize against the capability's policy, narrowed by the caller.
+    let decision = app.policies.get().decide(&req.capability, &claims, req.narrow.as_ref());
+    row.trace = serde_json::to_value(&decision.trace).unwrap_or(Value::Null);
+    row.policy_sha256 = decision.policy_sha256.clone();
+    let (agent, ttl, grants) = match decision.outcome {
+        Outcome::Allow { agent, ttl, grants } => (agent, ttl, grants),
+        Outcome::Deny(reason) => {
+            let err = ExchangeError::AccessDenied(reason.public_message().to_owned());
+            return Err(refuse(app, row, err, format!("policy: {}", json!(reason).as_str().unwrap_or("denied"))).await);
+        }
+    };
+    row.agent = Some(agent.clone());
+
+    // Step 3: kill rules, checked in memory. They name agents, so this follows the policy
+    // lookup that assigns the agent; either way a killed identity is refused before any mint.
+    let kills = app.kills.get();
+    let subject = kill_subject(&claims, &agent, &req.capability);
+    if let Some(rule) = kills.state.rules.iter().find(|r| r.in_force(now) && r.selector.matches(&subject)) {
+        let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
+        return Err(refuse(app, row, err, format!("kill rule {}", rule.id)).await);
+    }
+
+    // Step 5: record intent, durably, before any backend is called.
+    let pending: Vec<CredentialRow> = grants.iter().map(|g| row.pending_credential(g, now)).collect();
+    let expires_at = pending.iter().map(|c| c.expires_at).max().unwrap_or(now + to_chrono(ttl));
+    let (release_token, release_hash) = new_release_token();
+    row.state = ExchangeState::Pending;
+    row.release_token_sha256 = Some(release_hash);
+    row.expires_at = Some(expires_at);
+    let event = exchange_event("exchange.started", &row, now);
+    app.ledger.record_intent(&row, &pending, event).await.map_err(|e| unavailable(&e))?;
+
+    // Step 6: mint each grant in policy order (aws last); record each handle as it arrives.
+    let mut minted: Vec<(&CredentialRow, Minted)> = Vec::with_capacity(grants.len());
+    for (grant, credential) in grants.iter().zip(&pending) {
+        let result = match app.backends.get(&grant.spec.backend()) {
+            Some(backend) => {
+                let request = MintRequest {
+                    credential_id: credential.id,
+                    grant,
+                    agent: &agent,
+                    capability: &req.capability,
+                    claims: &claims,
+                    now,
+                    expires_at: credential.expires_at,
+                };
+                backend.mint(request).await.map_err(|e| e.to_string())
+            }
+            None => Err(format!("backend {} is not configured", grant.spec.backend())),
+        };
+        let m = match result {
+            Ok(m) => m,
+            Err(reason) => {
+                return Err(abort(app, &row, minted, ExchangeState::Failed, failed(&grant.name, &reason)).await);
+            }
+        };
+        let handle = Handle {
+            sealed: m.handle.as_ref().map(|h| app.sealer.seal(credential.id.as_bytes(), h.expose_secret())),
+            fingerprint: m.fingerprint.clone(),
+            expires_at: m.expires_at,
+        };
+        let recorded = app.ledger.record_handle(credential.id, &handle).await;
+        minted.push((credential, m));
+        if let Err(e) = recorded {
+            return Err(abort(app, &row, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await);
+        }
+    }
+
+    // Step 7: activate, serialized with kill creation; the store has the last word on kills.
+    let mut event = exchange_event("exchange.allowed", &row, now);
+    event.decision = Some("allowed".into());
+    event.expiry = Some(format_time(expires_at));
+    event.detail = Some(json!({
+        "credentials": minted.iter().map(|(c, m)| json!({
+            "id": c.id, "name": c.name, "backend": c.backend, "fingerprint": m.fingerprint,
+            "expires_at": format_time(m.expires_at),
+        })).collect::<Vec<_>>(),
+        "trace": row.trace,
+    }));
+    let jobs = minted
+        .iter()
+        .map(|(c, m)| NewJob {
+            id: Uuid::now_v7(),
+            kind: JobKind::RevokeAtTtl,
+            credential_id: c.id,
+            kill_id: None,
+            run_at: m.expires_at,
+        })
+        .collect();
+    let mut subject = subject;
+    subject.credentials = pending.iter().map(|c| c.id).collect();
+    let activation =
+        Activate { exchange_id: row.id, now, seen_kill_epoch: kills.state.epoch, subject, jti: spent_jti, jobs, event };
+    match app.ledger.activate(activation).await {
+        Ok(Activation::Activated) => {}
+        Ok(Activation::Killed { rule_id }) => {
+            let reason = match rule_id {
+                Some(id) => format!("kill rule {id} landed during the exchange"),
+                None => "a kill rule marked the credentials during the exchange".into(),
+            };
+            let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
+            return Err(abort(app, &row, minted, ExchangeState::Denied, (err, reason)).await);
+        }
+        Ok(Activation::Replay) => {
+            let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
+            return Err(abort(app, &row, minted, ExchangeState::Denied, (err, "replayed jti".into())).await);
+        }
+        Err(e) => {
+            return Err(abort(app, &row, minted, ExchangeState::Failed, (unavailable(&e), e.to_string())).await);
+        }
+    }
+    app.metrics.exchanges.get_or_create(&labels(&req.capability, "allowed")).inc();
+
+    // Step 8: answer. The secrets leave here, once.
+    let first = minted.first().map(|(_, m)| (m.access_token.clone(), m.issued_token_type, m.token_type));
+    let (access_token, issued_token_type, token_type) =
+        first.unwrap_or_else(|| (SecretString::from(String::new()), "urn:latchkey:token-type:none", "N_A"));
+    Ok(Exchanged {
+        exchange_id: row.id,
+        release_token,
+        capability: req.capability,
+        agent,
+        expires_at,
+        expires_in: (expires_at - now).num_seconds(),
+        access_token,
+        issued_token_type,
+        token_type,
+        credentials: minted
+            .into_iter()
+            .map(|(c, m)| IssuedCredential {
+                id: c.id,
+                name: c.name.clone(),
+                backend: c.backend,
+                expires_at: m.expires_at,
+                fingerprint: m.fingerprint,
+                secret: m.secret,
+            })
+            .collect(),
+    })
+}
+
+/// Records a refusal that happened before any intent was written, and returns the error.
+async fn refuse(app: &App, mut row: ExchangeRow, err: ExchangeError, reason: String) -> ExchangeError {
+    let now = row.created_at;
+    row.state = ExchangeState::Denied;
+    row.error = Some(err.code().to_owned());
+    row.reason = Some(reason.clone());
+    let mut event = exchange_event("exchange.denied", &row, now);
+    event.decision = Some("denied".into());
+    event.reason = Some(reason);
+    event.detail = Some(json!({ "error": err.code(), "trace": row.trace }));
+    let decision = if matches!(err, ExchangeError::AccessDenied(_)) { "denied" } else { "invalid" };
+    app.metrics.exchanges.get_or_create(&labels(row.capability.as_deref().unwrap_or(""), decision)).inc();
+    if let Err(e) = app.ledger.record_refusal(&row, event).await {
+        // The caller is refused either way; a refusal that could not be recorded is loud.
+        tracing::error!(request_id = %row.request_id, error = %e, "could not record a refused exchange");
+    }
+    err
+}
+
+/// All-or-nothing: revokes what was minted, ends the exchange, and returns the error. A
+/// credential whose revocation fails stays `pending` so that the reconciler retries it.
+async fn abort(
+    app: &App,
+    row: &ExchangeRow,
+    minted: Vec<(&CredentialRow, Minted)>,
+    state: ExchangeState,
+    (err, reason): (ExchangeError, String),
+) -> ExchangeError {
+    let now = app.clock.now();
+    let mut unrevoked = Vec::new();
+    for (credential, m) in &minted {
+        let Some(backend) = app.backends.get(&credential.backend) else { continue };
+        let handle = m.handle.as_ref().map(|h| h.expose_secret().as_slice());
+        if let Err(e) = backend.revoke(credential, handle).await {
+            tracing::error!(credential_id = %credential.id, error = %e, "could not revoke after a failed exchange");
+            unrevoked.push(credential.id);
+        }
+    }
+    let mut event =
+        exchange_event(if state == ExchangeState::Denied { "exchange.denied" } else { "exchange.failed" }, row, now);
+    event.decision = Some(state.as_str().into());
+    event.reason = Some(reason.clone());
+    event.detail = Some(json!({
+        "error": err.code(),
+        "revoked": minted.iter().map(|(c, _)| c.id).filter(|id| !unrevoked.contains(id)).collect::<Vec<_>>(),
+        "unrevoked": unrevoked,
+        "trace": row.trace,
+    }));
+    let abort = Abort { exchange_id: row.id, state, error: err.code().into(), reason, unrevoked, event };
+    if let Err(e) = app.ledger.abort(abort).await {
+        tracing::error!(exchange_id = %row.id, error = %e, "could not record an aborted exchange; the reconciler will find it");
+    }
+    let decision = if state == ExchangeState::Denied { "denied" } else { "failed" };
+    app.metrics.exchanges.get_or_create(&labels(row.capability.as_deref().unwrap_or(""), decision)).inc();
+    err
+}
+
+fn failed(grant: &str, reason: &str) -> (ExchangeError, String) {
+    (
+        ExchangeError::Unavailable(format!("could not issue grant {grant:?}; nothing was issued")),
+        format!("grant {grant}: {reason}"),
+    )
+}
+
+fn unavailable(e: &crate::ledger::LedgerError) -> ExchangeError {
+    tracing::error!(error = %e, "ledger unavailable");
+    ExchangeError::Unavailable("the credential store is unavailable; nothing was issued".into())
+}
+
+fn to_chrono(d: std::time::Duration) -> chrono::Duration {
+    // Policy TTLs are at most 12 h, far inside chrono's range.
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::hours(12))
+}
+
+fn labels(capability: &str, decision: &str) -> ExchangeLabels {
+    ExchangeLabels { capability: capability.to_owned(), decision: decision.to_owned() }
+}
+
+/// 256 random bits for the caller, and the SHA-256 the ledger keeps.
+fn new_release_token() -> (SecretString, String) {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).expect("the system random source works");
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    (token.into(), hash)
+}
+
+pub(crate) fn kill_subject(claims: &VerifiedClaims, agent: &str, capability: &str) -> KillSubject {
+    KillSubject {
+        agent: agent.to_owned(),
+        capability: capability.to_owned(),
+        issuer: claims.issuer.clone(),
+        subject: claims.subject.clone(),
+        repository: claims.repository.clone(),
+        workflow: claims.workflow.clone(),
+        claims: claims.claims().claims.clone(),
+        credentials: Vec::new(),
+    }
+}
+
+/// The audit event of an exchange, with the identity fields filled from its row.
+fn exchange_event(name: &str, row: &ExchangeRow, now: DateTime<Utc>) -> AuditEvent {
+    let mut e = AuditEvent::new(name, now);
+    e.request_id = Some(row.request_id.clone());
+    e.actor = row.subject.clone();
+    e.exchange_id = Some(row.id.to_string());
+    e.issuer = row.issuer.clone();
+    e.subject = row.subject.clone();
+    e.repository = row.repository.clone();
+    e.workflow = row.workflow.clone();
+    e.run_id = ["run_id", "pipeline_id", "CIRCLE_WORKFLOW_ID", "build_uuid"]
+        .iter()
+        .find_map(|k| row.claims.get(*k).and_then(crate::policy::claim_text));
+    e.capability = row.capability.clone();
+    e.agent = row.agent.clone();
+    e.policy_hash = row.policy_sha256.clone();
+    e
+}
+
+impl ExchangeRow {
+    fn started(req: &ExchangeRequest, now: DateTime<Utc>) -> ExchangeRow {
+        ExchangeRow {
+            id: Uuid::now_v7(),
+            request_id: req.request_id.clone(),
+            created_at: now,
+            state: ExchangeState::Pending,
+            error: None,
+            reason: None,
+            issuer: None,
+            subject: None,
+            repository: None,
+            workflow: None,
+            capability: Some(req.capability.clone()),
+            agent: None,
+            claims: Value::Null,
+            trace: Value::Array(Vec::new()),
+            policy_sha256: None,
+            release_token_sha256: None,
+            expires_at: None,
+        }
+    }
+
+    fn identify(&mut self, claims: &VerifiedClaims) {
+        self.issuer = Some(claims.issuer.clone());
+        self.subject = Some(claims.subject.clone());
+        self.repository = claims.repository.clone();
+        self.workflow = claims.workflow.clone();
+        self.claims = Value::Object(claims.claims().claims.clone());
+    }
+
+    fn pending_credential(&self, grant: &AuthorizedGrant, now: DateTime<Utc>) -> CredentialRow {
+        CredentialRow {
+            id: Uuid::now_v7(),
+            exchange_id: self.id,
+            name: grant.name.clone(),
+            backend: grant.spec.backend(),
+            state: CredentialState::Pending,
+            agent: self.agent.clone().unwrap_or_default(),
+            capability: self.capability.clone().unwrap_or_default(),
+            issuer: self.issuer.clone().unwrap_or_default(),
+            subject: self.subject.clone().unwrap_or_default(),
+            repository: self.repository.clone(),
+            workflow: self.workflow.clone(),
+            created_at: now,
+            expires_at: now + to_chrono(grant.ttl),
+            fingerprint: None,
+            handle: None,
+            revoke_requested: false,
+            revoked_at: None,
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The command line: one `enum Command`, one file per subcommand.
+
+mod admin_key;
+mod dev;
+mod init;
+mod migrate;
+mod policy;
+mod serve;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "latchkey",
+    version,
+    about = "Ephemeral credential broker: CI OIDC tokens in, short-lived scoped credentials out"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a development broker: embedded store, built-in issuer, example policies.
+    Dev(dev::Args),
+    /// Run the broker from a configuration file.
+    Serve(serve::Args),
+    /// Write a starter configuration, example policy, sealing key and admin key.
+    Init(init::Args),
+    /// Apply the store's pending migrations.
+    Migrate(migrate::Args),
+    /// Check, test and explain policies without a server.
+    Policy(policy::Args),
+    /// Manage admin keys.
+    AdminKey(admin_key::Args),
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Dev(a) => dev::run(a).await,
+            Command::Serve(a) => serve::run(a).await,
+            Command::Init(a) => init::run(a),
+            Command::Migrate(a) => migrate::run(a).await,
+            Command::Policy(a) => policy::run(a),
+            Command::AdminKey(a) => admin_key::run(a),
+        }
+    }
+}
+
+/// `--config`, else `./latchkey.toml` when it exists.
+fn find_config(explicit: Option<&Path>) -> anyhow::Result<Option<Config>> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None => {
+            let default = PathBuf::from("latchkey.toml");
+            if !default.exists() {
+                return Ok(None);
+            }
+            default
+        }
+    };
+    Ok(Some(Config::load(&path)?))
+}

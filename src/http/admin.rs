@@ -1,0 +1,176 @@
+//! Admin authentication and the admin reads.
+//!
+//! Admin calls carry `Authorization: Bearer <admin key>`. Roles are ordered
+//! `service < auditor < security < admin`. Every admin call, reads included, is an audit event
+//! naming the key; a call without a valid key is one too.
+
+use axum::Json;
+use axum::extract::{Query, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::RequestId;
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::audit::AuditEvent;
+use crate::config::Role;
+use crate::oidc::Claims;
+
+/// Who made an admin call.
+#[derive(Debug, Clone)]
+pub struct AdminIdentity {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Checks the admin key against `min`, and records the call in the audit trail.
+pub(super) async fn authorize(
+    app: &AppState,
+    parts: &Parts,
+    min: Role,
+    request_id: &str,
+) -> Result<AdminIdentity, ApiError> {
+    let presented = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let found = presented.and_then(|k| app.admin_keys.lookup(k));
+    let mut event = AuditEvent::new("admin.call", app.clock.now());
+    event.request_id = Some(request_id.to_owned());
+    let (result, outcome) = match found {
+        None => (Err(ApiError::unauthorized(request_id)), "unauthenticated"),
+        Some((name, role)) => {
+            event.actor = Some(format!("admin-key:{name}"));
+            if role >= min {
+                (Ok(AdminIdentity { name, role }), "allowed")
+            } else {
+                let msg = format!("this call needs the {} role", min.as_str());
+                (Err(ApiError::forbidden(msg, request_id)), "forbidden")
+            }
+        }
+    };
+    event.decision = Some(outcome.into());
+    event.detail =
+        Some(json!({ "method": parts.method.as_str(), "path": parts.uri.path(), "required_role": min.as_str() }));
+    if let Err(e) = app.ledger.append_event(event).await {
+        // An admin call that cannot be audited does not happen.
+        tracing::error!(error = %e, "could not audit an admin call");
+        return Err(ApiError::unavailable("the audit trail is unavailable", request_id));
+    }
+    result
+}
+
+fn request_id(req: &Request) -> String {
+    req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/audit`: the hash-chained event log, oldest first; the cursor is a sequence number.
+pub(super) async fn audit(State(app): State<AppState>, Query(q): Query<AuditQuery>, req: Request) -> Response {
+    let request_id = request_id(&req);
+    let (parts, _) = req.into_parts();
+    let result = async {
+        authorize(&app, &parts, Role::Auditor, &request_id).await?;
+        let after = match q.cursor.as_deref() {
+            None | Some("") => 0,
+            Some(c) => c
+                .parse::<i64>()
+                .map_err(|_| ApiError::invalid_request("cursor must be a sequence number", &request_id))?,
+        };
+        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+        let events =
+            app.ledger.events(after, limit).await.map_err(|e| ApiError::unavailable(e.to_string(), &request_id))?;
+        let next = if events.len() == limit { events.last().map(|e| e.seq.to_string()) } else { None };
+        let items: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                json!({
+                    "seq": e.seq, "hash": e.hash, "prev_hash": e.prev_hash,
+                    "event": serde_json::from_str::<Value>(&e.body).unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        Ok::<_, ApiError>(json!({ "items": items, "next_cursor": next }))
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainRequest {
+    capability: String,
+    claims: serde_json::Map<String, Value>,
+    /// The issuer id the claims are taken to come from; defaults to the policy's.
+    issuer: Option<String>,
+    narrow: Option<crate::policy::Narrowing>,
+}
+
+/// `POST /v1/explain`: the full decision trace for given claims, without minting or spending.
+pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Response {
+    let request_id = request_id(&req);
+    let (parts, body) = req.into_parts();
+    let result = async {
+        authorize(&app, &parts, Role::Admin, &request_id).await?;
+        let body = super::token::read_body(body, &request_id).await?;
+        let r: ExplainRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_request(format!("malformed explain request: {e}"), &request_id))?;
+        let policies = app.policies.get();
+        let issuer =
+            r.issuer.or_else(|| policies.policies.get(&r.capability).map(|p| p.issuer.clone())).unwrap_or_default();
+        let claims = match app.config.issuers.iter().find(|i| i.id == issuer) {
+            Some(i) => Claims::from_map_with(
+                &i.id,
+                i.kind,
+                i.repository_claim.as_deref(),
+                i.workflow_claim.as_deref(),
+                r.claims,
+            ),
+            None => Claims::from_map(&issuer, crate::config::IssuerKind::Generic, r.claims),
+        };
+        Ok::<_, ApiError>(explain_body(&policies.decide(&r.capability, &claims, r.narrow.as_ref())))
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A decision as JSON: what `/v1/explain` answers and `policy explain --json` prints.
+pub fn explain_body(d: &crate::policy::Decision) -> Value {
+    let (decision, reason, grants) = match &d.outcome {
+        crate::policy::Outcome::Allow { agent, ttl, grants } => (
+            "allow",
+            Value::Null,
+            json!({
+                "agent": agent,
+                "ttl_seconds": ttl.as_secs(),
+                "grants": grants.iter().map(|g| json!({"name": g.name, "spec": g.spec, "ttl_seconds": g.ttl.as_secs()})).collect::<Vec<_>>(),
+            }),
+        ),
+        crate::policy::Outcome::Deny(r) => ("deny", json!(r), Value::Null),
+    };
+    json!({
+        "capability": d.capability,
+        "decision": decision,
+        "reason": reason,
+        "allowed": grants,
+        "policy_sha256": d.policy_sha256,
+        "trace": d.trace,
+    })
+}

@@ -1,0 +1,70 @@
+//! RFC 6749 §5.2 error bodies, and the one place where domain errors become HTTP statuses.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::broker::ExchangeError;
+
+/// An error answer: status, RFC 6749 error code, a short description and the request id.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub description: String,
+    pub request_id: String,
+    /// Seconds, for `429 slow_down`.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, description: impl Into<String>, request_id: &str) -> Self {
+        ApiError { status, code, description: description.into(), request_id: request_id.to_owned(), retry_after: None }
+    }
+
+    pub fn invalid_request(description: impl Into<String>, request_id: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", description, request_id)
+    }
+
+    pub fn unauthorized(request_id: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_token", "a valid admin key is required", request_id)
+    }
+
+    pub fn forbidden(description: impl Into<String>, request_id: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "insufficient_scope", description, request_id)
+    }
+
+    pub fn unavailable(description: impl Into<String>, request_id: &str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", description, request_id)
+    }
+
+    pub fn not_found(request_id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource", request_id)
+    }
+
+    /// The mapping of exchange errors: 400 / 400 / 403 / 503.
+    pub fn from_exchange(e: ExchangeError, request_id: &str) -> Self {
+        let status = match e {
+            ExchangeError::InvalidRequest(_) | ExchangeError::InvalidGrant(_) => StatusCode::BAD_REQUEST,
+            ExchangeError::AccessDenied(_) => StatusCode::FORBIDDEN,
+            ExchangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.code(), e.to_string(), request_id)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.code, "error_description": self.description, "request_id": self.request_id });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(s) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
+    }
+}

@@ -1,0 +1,235 @@
+//! `POST /v1/token` (RFC 8693), `POST /v1/introspect` (RFC 7662) and the JWKS.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::RequestId;
+use super::admin::authorize;
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::broker::{self, ExchangeRequest, Exchanged};
+use crate::config::Role;
+use crate::policy::Narrowing;
+
+/// Bodies larger than this are refused before they are parsed.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Subject tokens larger than this are refused before they are decoded.
+pub const MAX_TOKEN: usize = 16 * 1024;
+
+const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const TOKEN_TYPES: [&str; 2] = ["urn:ietf:params:oauth:token-type:jwt", "urn:ietf:params:oauth:token-type:id_token"];
+
+/// The token-exchange parameters, from a form or a JSON body.
+#[derive(Debug, Deserialize)]
+struct TokenForm {
+    grant_type: Option<String>,
+    subject_token: Option<String>,
+    subject_token_type: Option<String>,
+    scope: Option<String>,
+    /// A JSON object; in the form encoding, a string holding JSON.
+    narrow: Option<Value>,
+    actor_token: Option<String>,
+    // Accepted and ignored: latchkey answers with the capability's credentials.
+    #[allow(dead_code)]
+    resource: Option<Value>,
+    #[allow(dead_code)]
+    audience: Option<Value>,
+    #[allow(dead_code)]
+    requested_token_type: Option<String>,
+}
+
+/// Reads a body of at most `MAX_BODY` bytes.
+pub(super) async fn read_body(body: Body, request_id: &str) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request", "request body larger than 64 KiB", request_id)
+    })
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")))
+}
+
+fn parse_form(headers: &HeaderMap, body: &[u8], request_id: &str) -> Result<TokenForm, ApiError> {
+    if is_json(headers) {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid_request(format!("malformed JSON body: {e}"), request_id))
+    } else {
+        serde_urlencoded::from_bytes(body)
+            .map_err(|e| ApiError::invalid_request(format!("malformed form body: {e}"), request_id))
+    }
+}
+
+fn parse_request(form: TokenForm, request_id: &str) -> Result<ExchangeRequest, ApiError> {
+    let bad = |m: &str| ApiError::invalid_request(m, request_id);
+    match form.grant_type.as_deref() {
+        Some(GRANT_TYPE) => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "grant_type must be token-exchange",
+                request_id,
+            ));
+        }
+        None => return Err(bad("grant_type is required")),
+    }
+    if form.actor_token.is_some() {
+        return Err(bad("actor_token is not supported"));
+    }
+    let token = form.subject_token.ok_or_else(|| bad("subject_token is required"))?;
+    if token.len() > MAX_TOKEN {
+        return Err(bad("subject_token larger than 16 KiB"));
+    }
+    match form.subject_token_type.as_deref() {
+        Some(t) if TOKEN_TYPES.contains(&t) => {}
+        Some(_) => return Err(bad("subject_token_type must be urn:ietf:params:oauth:token-type:jwt or :id_token")),
+        None => return Err(bad("subject_token_type is required")),
+    }
+    let capability = form.scope.ok_or_else(|| bad("scope (the capability name) is required"))?;
+    if capability.is_empty() || capability.len() > 128 || capability.contains(char::is_whitespace) {
+        return Err(bad("scope must name exactly one capability"));
+    }
+    let narrow = match form.narrow {
+        None => None,
+        Some(Value::String(s)) => Some(serde_json::from_str::<Narrowing>(&s)),
+        Some(v @ Value::Object(_)) => Some(serde_json::from_value::<Narrowing>(v)),
+        Some(_) => return Err(bad("narrow must be a JSON object")),
+    }
+    .transpose()
+    .map_err(|e| ApiError::invalid_request(format!("malformed narrow: {e}"), request_id))?;
+    Ok(ExchangeRequest { subject_token: token.into(), capability, narrow, request_id: request_id.to_owned() })
+}
+
+pub(super) async fn exchange(State(app): State<AppState>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let result = async {
+        let body = read_body(body, &request_id).await?;
+        let form = parse_form(&parts.headers, &body, &request_id)?;
+        let request = parse_request(form, &request_id)?;
+        broker::exchange(&app, request).await.map_err(|e| ApiError::from_exchange(e, &request_id))
+    }
+    .await;
+    app.metrics.exchange_seconds.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(exchanged) => token_response(exchanged),
+        Err(e) => {
+            tracing::info!(error = e.code, status = e.status.as_u16(), "exchange refused");
+            e.into_response()
+        }
+    }
+}
+
+fn token_response(x: Exchanged) -> Response {
+    let credentials: Vec<Value> = x
+        .credentials
+        .into_iter()
+        .map(|c| {
+            let mut o = Map::new();
+            o.insert("id".into(), json!(c.id));
+            o.insert("name".into(), json!(c.name));
+            o.insert("backend".into(), json!(c.backend));
+            o.insert("expires_at".into(), json!(crate::audit::format_time(c.expires_at)));
+            o.insert("fingerprint".into(), json!(c.fingerprint));
+            o.extend(c.secret.0);
+            Value::Object(o)
+        })
+        .collect();
+    let body = json!({
+        "access_token": x.access_token.expose_secret(),
+        "issued_token_type": x.issued_token_type,
+        "token_type": x.token_type,
+        "expires_in": x.expires_in,
+        "exchange_id": x.exchange_id,
+        "release_token": x.release_token.expose_secret(),
+        "capability": x.capability,
+        "agent": x.agent,
+        "expires_at": crate::audit::format_time(x.expires_at),
+        "credentials": credentials,
+    });
+    let mut response = Json(body).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[derive(Debug, Deserialize)]
+struct IntrospectForm {
+    token: Option<String>,
+}
+
+/// RFC 7662 for latchkey JWTs: active only while the signature, the lifetime and the ledger all
+/// agree. Revoked or expired → `{"active": false}`, and nothing else is said.
+pub(super) async fn introspect(State(app): State<AppState>, req: Request) -> Response {
+    let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let result = async {
+        authorize(&app, &parts, Role::Service, &request_id).await?;
+        let body = read_body(body, &request_id).await?;
+        let form: IntrospectForm = if is_json(&parts.headers) {
+            serde_json::from_slice(&body).map_err(|_| ApiError::invalid_request("malformed JSON body", &request_id))?
+        } else {
+            serde_urlencoded::from_bytes(&body)
+                .map_err(|_| ApiError::invalid_request("malformed form body", &request_id))?
+        };
+        let token = form.token.ok_or_else(|| ApiError::invalid_request("token is required", &request_id))?;
+        Ok::<_, ApiError>(introspect_token(&app, &token).await)
+    }
+    .await;
+    match result {
+        Ok(body) => {
+            let mut r = Json(body).into_response();
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn introspect_token(app: &AppState, token: &str) -> Value {
+    let inactive = json!({ "active": false });
+    let Some(claims) = app.jwt.verify(token) else { return inactive };
+    let now = app.clock.now().timestamp();
+    let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+    let nbf = claims.get("nbf").and_then(Value::as_i64).unwrap_or(0);
+    if exp <= now || nbf > now + 60 {
+        return inactive;
+    }
+    let Some(id) = claims.get("jti").and_then(Value::as_str).and_then(|j| uuid::Uuid::parse_str(j).ok()) else {
+        return inactive;
+    };
+    match app.ledger.credential(id).await {
+        Ok(Some(c)) if c.state == crate::ledger::CredentialState::Active && c.expires_at.timestamp() > now => {}
+        _ => return inactive,
+    }
+    let mut body = Map::new();
+    body.insert("active".into(), Value::Bool(true));
+    for key in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"] {
+        if let Some(v) = claims.get(key) {
+            body.insert(key.into(), v.clone());
+        }
+    }
+    if let Some(l) = claims.get("latchkey") {
+        body.insert("scope".into(), l.get("capability").cloned().unwrap_or(Value::Null));
+        body.insert("latchkey".into(), l.clone());
+    }
+    body.insert("token_type".into(), json!("Bearer"));
+    Value::Object(body)
+}
+
+pub(super) async fn jwks(State(app): State<AppState>) -> Response {
+    let mut r = Json(app.jwt.jwks()).into_response();
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    r
+}

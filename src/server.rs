@@ -1,0 +1,215 @@
+//! Start-up: from a configuration to a running broker.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::app::{AdminKeys, App, AppState, Clock, KillSnapshot, Swap};
+use crate::backend::Backend;
+use crate::backend::jwt::JwtBackend;
+use crate::config::Config;
+use crate::http::DevIssuer;
+use crate::metrics::Metrics;
+use crate::oidc::{StaticKeySource, Verifier};
+use crate::policy::{BackendKind, IssuerInfo, LoadContext, PolicySet};
+use crate::seal::Sealer;
+
+/// Kill rules older than this make `/readyz` unready.
+pub const KILL_FRESHNESS: Duration = Duration::from_secs(2);
+
+/// What the policy loader needs from the configuration.
+pub fn policy_context(config: &Config) -> LoadContext {
+    let mut backends = Vec::new();
+    if !config.backends.github.is_empty() {
+        backends.push(BackendKind::Github);
+    }
+    if config.backends.aws.is_some() {
+        backends.push(BackendKind::Aws);
+    }
+    if config.backends.vault.is_some() {
+        backends.push(BackendKind::Vault);
+    }
+    if config.backends.jwt.enabled {
+        backends.push(BackendKind::Jwt);
+    }
+    LoadContext {
+        issuers: config
+            .issuers
+            .iter()
+            .map(|i| {
+                let info = IssuerInfo { kind: i.kind, required_claims: i.required_claims.keys().cloned().collect() };
+                (i.id.clone(), info)
+            })
+            .collect(),
+        backends,
+        github_apps: config.backends.github.iter().map(|a| a.id.clone()).collect(),
+    }
+}
+
+/// Options that differ between `serve`, `dev` and tests.
+#[derive(Debug)]
+pub struct Options {
+    pub clock: Arc<dyn Clock>,
+    /// Apply pending migrations (`dev`, tests); `serve` refuses an unmigrated store instead.
+    pub migrate: bool,
+    /// `latchkey dev`'s built-in issuer, which takes its keys from memory.
+    pub dev_issuer: Option<DevIssuer>,
+    /// A sealer to use instead of the key files (`dev`, tests).
+    pub sealer: Option<Sealer>,
+}
+
+/// Builds the application: sealing key, ledger, verifier, backends, policies, kill rules.
+pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState> {
+    let clock = options.clock;
+    let sealer = match options.sealer {
+        Some(s) => s,
+        None => Sealer::load(
+            &config.resolve(&config.sealing.key_file),
+            &config.sealing.previous_key_files.iter().map(|p| config.resolve(p)).collect::<Vec<_>>(),
+        )
+        .context("serve refuses to start without its sealing key")?,
+    };
+    let store_url = resolve_store_url(&config);
+    let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
+    let mut verifier =
+        Verifier::new(&config.issuers, &config.server.audience, config.limits.outbound_timeout, clock.clone())
+            .context("configuring issuers")?;
+    if let Some(dev) = &options.dev_issuer {
+        let id = config.issuers.iter().find(|i| i.url == dev.url()).map(|i| i.id.clone()).unwrap_or_default();
+        verifier = verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(&dev.jwks())?));
+    }
+    let now = clock.now();
+    let jwt = Arc::new(JwtBackend::load_or_create(&*ledger, &sealer, config.public_url(), now).await?);
+    let mut backends: HashMap<BackendKind, Arc<dyn Backend>> = HashMap::new();
+    if config.backends.jwt.enabled {
+        backends.insert(BackendKind::Jwt, jwt.clone());
+    }
+    let policy_dir = config.resolve(&config.policies.dir);
+    let policies = PolicySet::load_dir(&policy_dir, &policy_context(&config)).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        anyhow::anyhow!("policies in {} do not load:\n{}", policy_dir.display(), list.join("\n"))
+    })?;
+    let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
+    let app = App {
+        admin_keys: AdminKeys::new(&config.admin_keys),
+        clock,
+        ledger,
+        verifier,
+        policies: Swap::new(policies),
+        kills: Swap::new(KillSnapshot { state: kill_state, loaded_at: now }),
+        backends,
+        jwt,
+        sealer,
+        metrics: Metrics::new(),
+        config,
+    };
+    Ok(AppState(Arc::new(app)))
+}
+
+/// `sqlite://relative.db` resolves against the config file's directory.
+fn resolve_store_url(config: &Config) -> String {
+    match config.store.url.strip_prefix("sqlite://") {
+        Some(path) => format!("sqlite://{}", config.resolve(std::path::Path::new(path)).display()),
+        None => config.store.url.clone(),
+    }
+}
+
+/// A running broker: where it listens, and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub tls: bool,
+    handle: axum_server::Handle<SocketAddr>,
+    admin_handle: Option<axum_server::Handle<SocketAddr>>,
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// Stops accepting, lets requests in flight finish (bounded), and returns.
+    pub async fn shutdown(self) {
+        self.handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        if let Some(h) = &self.admin_handle {
+            h.graceful_shutdown(Some(Duration::from_secs(1)));
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the listeners stop.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(())
+    }
+
+    pub fn handle(&self) -> axum_server::Handle<SocketAddr> {
+        self.handle.clone()
+    }
+}
+
+/// Binds the listeners (TLS when a certificate is configured), starts the background work, and
+/// returns once the broker accepts connections.
+pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>) -> anyhow::Result<Running> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let config = &app.config;
+    let router = crate::http::router(app.clone(), dev_issuer);
+    let handle = axum_server::Handle::new();
+    let listener = std::net::TcpListener::bind(config.server.listen)
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let tls = config.server.tls_cert_file.is_some();
+    let mut tasks = Vec::new();
+    let service = router.into_make_service();
+    match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(config.resolve(cert), config.resolve(key))
+                .await
+                .context("loading the TLS certificate and key")?;
+            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            tasks.push(tokio::spawn(async move { server.serve(service).await }));
+        }
+        (None, None) => {
+            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            tasks.push(tokio::spawn(async move { server.serve(service).await }));
+        }
+        _ => bail!("server.tls_cert_file and server.tls_key_file go together"),
+    }
+    let mut admin_addr = None;
+    let mut admin_handle = None;
+    if let Some(admin) = config.server.admin_listen {
+        let listener = std::net::TcpListener::bind(admin).with_context(|| format!("cannot listen on {admin}"))?;
+        listener.set_nonblocking(true)?;
+        admin_addr = Some(listener.local_addr()?);
+        let h = axum_server::Handle::new();
+        let server = axum_server::from_tcp(listener)?.handle(h.clone());
+        let service = crate::http::ops_router(app.clone()).into_make_service();
+        tasks.push(tokio::spawn(async move { server.serve(service).await }));
+        admin_handle = Some(h);
+    }
+    app.verifier.refresh_all().await;
+    if let Err(e) = crate::worker::reconcile(&app).await {
+        tracing::warn!(error = %e, "start-up reconciliation could not reach the ledger");
+    }
+    crate::worker::spawn_all(&app);
+    Ok(Running { addr, admin_addr, tls, handle, admin_handle, tasks })
+}
+
+/// Sets up logging: `RUST_LOG` filters, `LATCHKEY_LOG_FORMAT=json` for machines.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LATCHKEY_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+}

@@ -1,0 +1,288 @@
+//! Background work: the durable job worker, the reconciler, the kill-rule refresher and the
+//! policy reloader. Each is one function that does one pass, and a loop that calls it, so tests
+//! can drive a pass directly with a fixed clock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::app::{App, AppState, KillSnapshot};
+use crate::audit::AuditEvent;
+use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, LedgerError};
+use crate::metrics::JobLabels;
+use crate::policy::PolicySet;
+
+/// A job that keeps failing is retried with exponential back-off up to this many times.
+const MAX_ATTEMPTS: u32 = 20;
+/// How long a claimed job stays hidden from other workers.
+const JOB_LEASE: Duration = Duration::from_secs(120);
+/// Pending rows older than this were left by a crash, not by an exchange in flight.
+const RECONCILE_AFTER: Duration = Duration::from_secs(120);
+
+/// Starts every background loop. They run until the runtime shuts down.
+pub fn spawn_all(app: &AppState) {
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if let Err(e) = refresh_kills(&a).await {
+                tracing::warn!(error = %e, "could not refresh kill rules");
+            }
+        }
+    });
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            match run_jobs(&a).await {
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "job worker could not reach the ledger"),
+            }
+        }
+    });
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = reconcile(&a).await {
+                tracing::warn!(error = %e, "reconciler could not reach the ledger");
+            }
+            if let Err(e) = a.ledger.prune(a.clock.now()).await {
+                tracing::warn!(error = %e, "could not prune spent token ids");
+            }
+        }
+    });
+    let a = app.clone();
+    tokio::spawn(async move { watch_policies(a).await });
+}
+
+/// Reads the kill rules in force from the ledger into memory.
+pub async fn refresh_kills(app: &App) -> Result<(), LedgerError> {
+    let now = app.clock.now();
+    let state = app.ledger.kill_state(now).await?;
+    app.kills.set(KillSnapshot { state, loaded_at: now });
+    Ok(())
+}
+
+/// Claims due jobs and runs them with bounded concurrency. Returns how many ran.
+pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
+    let now = app.clock.now();
+    let lease = now + chrono::Duration::from_std(JOB_LEASE).unwrap_or_default();
+    let concurrency = app.config.limits.job_concurrency.max(1);
+    let mut total = 0;
+    loop {
+        let jobs = app.ledger.claim_jobs(now, concurrency * 4, lease).await?;
+        if jobs.is_empty() {
+            break;
+        }
+        total += jobs.len();
+        let mut set = JoinSet::new();
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        for job in jobs {
+            let app = app.clone();
+            let permits = permits.clone();
+            set.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let outcome = run_job(&app, &job).await;
+                let label = match &outcome {
+                    JobOutcome::Done { .. } => "done",
+                    JobOutcome::Retry { .. } => "retry",
+                    JobOutcome::Failed { .. } => "failed",
+                };
+                app.metrics.jobs.get_or_create(&JobLabels { outcome: label.into() }).inc();
+                if let Err(e) = app.ledger.finish_job(&job, outcome).await {
+                    tracing::warn!(job_id = %job.id, error = %e, "could not record a job's outcome; it will run again");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+    if let Ok(depth) = app.ledger.job_queue_depth().await {
+        app.metrics.job_queue_depth.set(depth as i64);
+    }
+    Ok(total)
+}
+
+/// Runs one job: revoke a credential (now, or at its TTL end).
+async fn run_job(app: &App, job: &Job) -> JobOutcome {
+    let now = app.clock.now();
+    let credential = match app.ledger.credential(job.credential_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return JobOutcome::Failed {
+                error: "credential not found".into(),
+                event: job_event(job, "job.failed", now),
+            };
+        }
+        Err(e) => return retry(job, now, e.to_string()),
+    };
+    let (target, event_name) = match job.kind {
+        JobKind::RevokeAtTtl => (CredentialState::Expired, "credential.expired"),
+        JobKind::Revoke => (CredentialState::Revoked, "credential.revoked"),
+    };
+    let mut event = job_event(job, event_name, now);
+    event.capability = Some(credential.capability.clone());
+    event.agent = Some(credential.agent.clone());
+    event.subject = Some(credential.subject.clone());
+    event.repository = credential.repository.clone();
+    event.backend = Some(credential.backend.to_string());
+    event.fingerprint = credential.fingerprint.clone();
+    if !matches!(credential.state, CredentialState::Active | CredentialState::Pending) {
+        // Already revoked or expired: nothing to do, and the ledger will not move it.
+        return JobOutcome::Done { state: credential.state, event };
+    }
+    let handle = match credential.handle.as_deref().map(|b| app.sealer.open(credential.id.as_bytes(), b)).transpose() {
+        Ok(h) => h,
+        Err(e) => return JobOutcome::Failed { error: e.to_string(), event: job_event(job, "job.failed", now) },
+    };
+    let Some(backend) = app.backends.get(&credential.backend) else {
+        return JobOutcome::Failed {
+            error: format!("backend {} is not configured", credential.backend),
+            event: job_event(job, "job.failed", now),
+        };
+    };
+    match backend.revoke(&credential, handle.as_deref()).await {
+        Ok(()) => JobOutcome::Done { state: target, event },
+        Err(e) if job.attempts + 1 >= MAX_ATTEMPTS || credential.expires_at <= now => {
+            let mut event = job_event(job, "job.failed", now);
+            event.reason = Some(e.to_string());
+            JobOutcome::Failed { error: e.to_string(), event }
+        }
+        Err(e) => retry(job, now, e.to_string()),
+    }
+}
+
+fn retry(job: &Job, now: DateTime<Utc>, error: String) -> JobOutcome {
+    let backoff = 2i64.saturating_pow(job.attempts.min(8)).min(300);
+    JobOutcome::Retry { run_at: now + chrono::Duration::seconds(backoff), error }
+}
+
+fn job_event(job: &Job, name: &str, now: DateTime<Utc>) -> AuditEvent {
+    let mut e = AuditEvent::new(name, now);
+    e.actor = Some("system".into());
+    e.credential_id = Some(job.credential_id.to_string());
+    e.detail =
+        Some(json!({ "job_id": job.id, "job": job.kind.as_str(), "kill_id": job.kill_id, "attempts": job.attempts }));
+    e
+}
+
+/// Finds `pending` credentials left by a crash and makes sure nothing they stand for stays
+/// usable: what has a handle is revoked through its backend; the row becomes `failed`.
+pub async fn reconcile(app: &App) -> Result<usize, LedgerError> {
+    let now = app.clock.now();
+    let before = now - chrono::Duration::from_std(RECONCILE_AFTER).unwrap_or_default();
+    let pending = app.ledger.pending_credentials(before).await?;
+    let mut done = 0;
+    for credential in pending {
+        let handle = credential.handle.as_deref().and_then(|b| app.sealer.open(credential.id.as_bytes(), b).ok());
+        let revoked = match app.backends.get(&credential.backend) {
+            Some(backend) => backend.revoke(&credential, handle.as_deref()).await,
+            None => Ok(()),
+        };
+        let mut event = AuditEvent::new("credential.reconciled", now);
+        event.actor = Some("system".into());
+        event.credential_id = Some(credential.id.to_string());
+        event.exchange_id = Some(credential.exchange_id.to_string());
+        event.backend = Some(credential.backend.to_string());
+        event.capability = Some(credential.capability.clone());
+        event.agent = Some(credential.agent.clone());
+        match revoked {
+            Ok(()) => {
+                event.reason = Some("left pending by an interrupted exchange; revoked".into());
+                if app
+                    .ledger
+                    .transition_credential(credential.id, &[CredentialState::Pending], CredentialState::Failed, event)
+                    .await?
+                {
+                    done += 1;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(credential_id = %credential.id, error = %e, "reconciler could not revoke; will retry")
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A cheap fingerprint of the policy directory: names, sizes and modification times.
+fn dir_signature(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.path(), (m.len(), m.modified().ok())))
+        })
+        .collect()
+}
+
+/// Reloads the policies when their files change or on SIGHUP. A set that fails to load is
+/// refused with an error event, and the old set keeps serving.
+async fn watch_policies(app: AppState) {
+    let dir = app.config.resolve(&app.config.policies.dir);
+    let mut last = dir_signature(&dir);
+    let mut tick = tokio::time::interval(app.config.policies.reload_interval);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let forced = match hup.as_mut() {
+            Some(h) => tokio::select! { _ = tick.tick() => false, _ = h.recv() => true },
+            None => {
+                tick.tick().await;
+                false
+            }
+        };
+        #[cfg(not(unix))]
+        let forced = {
+            tick.tick().await;
+            false
+        };
+        let now = dir_signature(&dir);
+        if now == last && !forced {
+            continue;
+        }
+        last = now;
+        reload_policies(&app).await;
+    }
+}
+
+/// Loads the policy directory and swaps it in if it loads cleanly.
+pub async fn reload_policies(app: &App) -> bool {
+    let dir = app.config.resolve(&app.config.policies.dir);
+    let now = app.clock.now();
+    match PolicySet::load_dir(&dir, &crate::server::policy_context(&app.config)) {
+        Ok(set) => {
+            let mut event = AuditEvent::new("policy.reloaded", now);
+            event.actor = Some("system".into());
+            event.detail = Some(
+                json!({ "policies": set.policies.values().map(|p| json!({"capability": p.capability, "sha256": p.sha256})).collect::<Vec<_>>() }),
+            );
+            tracing::info!(policies = set.policies.len(), "policies reloaded");
+            app.policies.set(set);
+            let _ = app.ledger.append_event(event).await;
+            true
+        }
+        Err(errors) => {
+            app.metrics.policy_reload_failures.inc();
+            let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            tracing::error!(errors = ?messages, "policy reload refused; the previous policies keep serving");
+            let mut event = AuditEvent::new("policy.reload_failed", now);
+            event.actor = Some("system".into());
+            event.reason = Some("the new policy set does not load; the previous set keeps serving".into());
+            event.detail = Some(json!({ "errors": messages }));
+            let _ = app.ledger.append_event(event).await;
+            false
+        }
+    }
+}
