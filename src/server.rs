@@ -59,6 +59,9 @@ pub struct Options {
     pub dev_issuer: Option<DevIssuer>,
     /// A sealer to use instead of the key files (`dev`, tests).
     pub sealer: Option<Sealer>,
+    /// Backends that replace the configured ones of their kind: doubles, in tests, for
+    /// services that have no local server.
+    pub backends: Vec<Arc<dyn Backend>>,
 }
 
 /// Builds the application: sealing key, ledger, verifier, backends, policies, kill rules.
@@ -86,6 +89,9 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     let mut backends: HashMap<BackendKind, Arc<dyn Backend>> = HashMap::new();
     if config.backends.jwt.enabled {
         backends.insert(BackendKind::Jwt, jwt.clone());
+    }
+    for backend in options.backends {
+        backends.insert(backend.kind(), backend);
     }
     let policy_dir = config.resolve(&config.policies.dir);
     let policies = PolicySet::load_dir(&policy_dir, &policy_context(&config)).map_err(|errors| {
@@ -157,9 +163,10 @@ impl Running {
     }
 }
 
-/// Binds the listeners (TLS when a certificate is configured), starts the background work, and
-/// returns once the broker accepts connections.
-pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>) -> anyhow::Result<Running> {
+/// Binds the listeners (TLS when a certificate is configured), starts the background work
+/// (unless `background` is false: tests that drive the workers themselves), and returns once the
+/// broker accepts connections.
+pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: bool) -> anyhow::Result<Running> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let config = &app.config;
     let router = crate::http::router(app.clone(), dev_issuer);
@@ -201,7 +208,9 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>) -> anyhow::Resu
     if let Err(e) = crate::worker::reconcile(&app).await {
         tracing::warn!(error = %e, "start-up reconciliation could not reach the ledger");
     }
-    crate::worker::spawn_all(&app);
+    if background {
+        crate::worker::spawn_all(&app);
+    }
     Ok(Running { addr, admin_addr, tls, handle, admin_handle, tasks })
 }
 

@@ -90,10 +90,11 @@ async fn serve(mut listen: SocketAddr, policies: PathBuf) -> anyhow::Result<Exit
         migrate: true,
         dev_issuer: Some(dev_issuer.clone()),
         sealer: Some(Sealer::from_bytes(&key)),
+        backends: Vec::new(),
     };
     let app = server::build(config, options).await?;
     let capabilities: Vec<String> = app.policies.get().policies.keys().cloned().collect();
-    let running = server::start(app, Some(dev_issuer)).await?;
+    let running = server::start(app, Some(dev_issuer), true).await?;
     print_banner(&running.url(), &admin_key, dir.path(), &policies, &capabilities);
     super::serve::shutdown_signal().await;
     running.shutdown().await;

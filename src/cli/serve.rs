@@ -25,9 +25,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.check {
         return check(&config);
     }
-    let options = Options { clock: Arc::new(SystemClock), migrate: false, dev_issuer: None, sealer: None };
+    let options =
+        Options { clock: Arc::new(SystemClock), migrate: false, dev_issuer: None, sealer: None, backends: Vec::new() };
     let app = server::build(config, options).await?;
-    let running = server::start(app, None).await?;
+    let running = server::start(app, None, true).await?;
     tracing::info!(url = %running.url(), admin = ?running.admin_addr, "latchkey is serving");
     let handle = running.handle();
     tokio::spawn(async move {

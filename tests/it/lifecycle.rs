@@ -1,0 +1,239 @@
+//! All-or-nothing minting, the kill lock of step 7, the reconciler and policy reloads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use latchkey::app::Clock;
+use latchkey::backend::{Backend, BackendError, MintRequest, Minted, SecretFields};
+use latchkey::kill::{KillRule, Selector};
+use latchkey::ledger::CredentialRow;
+use latchkey::policy::BackendKind;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::support::test_app::TestApp;
+
+/// A backend double that mints (or fails) and counts revocations with the handle it was given.
+#[derive(Debug)]
+struct Double {
+    kind: BackendKind,
+    fail: bool,
+    revoked: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Backend for Double {
+    fn kind(&self) -> BackendKind {
+        self.kind
+    }
+    async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, BackendError> {
+        if self.fail {
+            return Err(BackendError::Unavailable { backend: self.kind, message: "connection refused".into() });
+        }
+        let secret = format!("secret-{}", req.credential_id);
+        let mut fields = serde_json::Map::new();
+        fields.insert("token".into(), json!(secret));
+        Ok(Minted {
+            secret: SecretFields(fields),
+            access_token: secret.clone().into(),
+            issued_token_type: "urn:latchkey:token-type:github-installation",
+            token_type: "Bearer",
+            handle: Some(secrecy::SecretBox::new(Box::new(secret.clone().into_bytes()))),
+            fingerprint: latchkey::backend::fingerprint(secret.as_bytes()),
+            expires_at: req.expires_at,
+        })
+    }
+    async fn revoke(&self, c: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError> {
+        assert_eq!(handle, Some(format!("secret-{}", c.id).as_bytes()), "revocation gets the unsealed handle");
+        self.revoked.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+const TWO_GRANTS: &str = r#"
+description = "deploy with code access and a vault token"
+agent = "deployer"
+issuer = "github-actions"
+ttl = "15m"
+
+[match]
+repository_owner_id = "1234567"
+repository = "acme/widgets"
+ref = "refs/heads/main"
+
+[[grant]]
+backend = "github"
+owner = "acme"
+repositories = ["widgets"]
+permissions = { contents = "read" }
+
+[[grant]]
+backend = "vault"
+kind = "token"
+policies = ["deploy"]
+"#;
+
+const BACKENDS: &str = r#"
+[[backends.github]]
+id = "default"
+app_id = 1
+private_key_file = "unused.pem"
+[backends.vault]
+address = "http://127.0.0.1:1"
+"#;
+
+#[tokio::test]
+async fn when_one_grant_fails_nothing_stays_issued() {
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let t = TestApp::builder()
+        .policy("deploy.toml", TWO_GRANTS)
+        .config(BACKENDS)
+        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
+        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: true, revoked: Arc::new(AtomicUsize::new(0)) }))
+        .start()
+        .await;
+    let a = t.exchange(&t.token(json!({})), "deploy").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert_eq!(a.body["error"], "temporarily_unavailable");
+    assert!(!a.text.contains("secret-"), "a secret leaked into the error: {}", a.text);
+    assert_eq!(revoked.load(Ordering::SeqCst), 1, "the minted github token was revoked");
+    assert_eq!(t.credential_states(), [("failed".to_string(), 2)]);
+    let failed = t.events("exchange.failed").await;
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["reason"].as_str().unwrap().contains("vault"), "{}", failed[0]);
+    assert!(!serde_json::to_string(&t.audit().await).unwrap().contains("secret-"), "a secret reached the audit trail");
+}
+
+#[tokio::test]
+async fn handles_are_sealed_at_rest() {
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let t = TestApp::builder()
+        .policy("deploy.toml", TWO_GRANTS)
+        .config(BACKENDS)
+        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
+        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: false, revoked: revoked.clone() }))
+        .start()
+        .await;
+    let a = t.exchange(&t.token(json!({})), "deploy").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["issued_token_type"], "urn:latchkey:token-type:github-installation");
+    let db = std::fs::read(t.dir.path().join("latchkey.db")).unwrap();
+    let wal = std::fs::read(t.dir.path().join("latchkey.db-wal")).unwrap_or_default();
+    for blob in [db, wal] {
+        assert!(!blob.windows(7).any(|w| w == b"secret-"), "a handle is stored in plain text");
+    }
+}
+
+#[tokio::test]
+async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
+    let t = TestApp::builder().no_background().start().await;
+    let claims = json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" });
+    assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK);
+
+    // The kill is committed to the store, but this replica's in-memory rules are stale: the
+    // exchange passes step 3 and must be stopped by the activation transaction.
+    let rule = KillRule {
+        id: uuid::Uuid::now_v7(),
+        selector: Selector { agent: Some("pr-reviewer".into()), ..Default::default() },
+        reason: "test".into(),
+        created_at: t.clock.now(),
+        created_by: "admin-key:test".into(),
+        expires_at: None,
+        lifted_at: None,
+    };
+    let event = latchkey::audit::AuditEvent::new("kill.created", t.clock.now());
+    let effect = t.app.ledger.create_kill(&rule, event).await.unwrap();
+    assert_eq!(effect.jobs.len(), 1, "the active credential gets a revocation job");
+
+    let a = t.exchange(&t.token(claims.clone()), "pr-review").await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_eq!(a.body["error"], "access_denied");
+    let states = t.credential_states();
+    assert!(states.contains(&("failed".to_string(), 1)), "{states:?}");
+    let denied = t.events("exchange.denied").await;
+    assert!(denied.last().unwrap()["reason"].as_str().unwrap().contains(&rule.id.to_string()));
+
+    // Once the rules are refreshed, the kill stops the exchange before anything is written.
+    latchkey::worker::refresh_kills(&t.app).await.unwrap();
+    let before = t.credential_count();
+    let a = t.exchange(&t.token(claims), "pr-review").await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert_eq!(t.credential_count(), before);
+}
+
+#[tokio::test]
+async fn the_reconciler_fails_rows_left_pending_by_a_crash() {
+    let t = TestApp::builder().no_background().start().await;
+    let now = t.clock.now();
+    let exchange = latchkey::ledger::ExchangeRow {
+        id: uuid::Uuid::now_v7(),
+        request_id: "crashed".into(),
+        created_at: now,
+        state: latchkey::ledger::ExchangeState::Pending,
+        error: None,
+        reason: None,
+        issuer: Some("github-actions".into()),
+        subject: Some("repo:acme/widgets:ref:refs/heads/main".into()),
+        repository: Some("acme/widgets".into()),
+        workflow: None,
+        capability: Some("pr-review".into()),
+        agent: Some("pr-reviewer".into()),
+        claims: json!({}),
+        trace: json!([]),
+        policy_sha256: None,
+        release_token_sha256: None,
+        expires_at: Some(now + chrono::Duration::minutes(15)),
+    };
+    let credential = CredentialRow {
+        id: uuid::Uuid::now_v7(),
+        exchange_id: exchange.id,
+        name: "jwt".into(),
+        backend: BackendKind::Jwt,
+        state: latchkey::ledger::CredentialState::Pending,
+        agent: "pr-reviewer".into(),
+        capability: "pr-review".into(),
+        issuer: "github-actions".into(),
+        subject: "repo:acme/widgets:ref:refs/heads/main".into(),
+        repository: Some("acme/widgets".into()),
+        workflow: None,
+        created_at: now,
+        expires_at: now + chrono::Duration::minutes(15),
+        fingerprint: None,
+        handle: None,
+        revoke_requested: false,
+        revoked_at: None,
+    };
+    let event = latchkey::audit::AuditEvent::new("exchange.started", now);
+    t.app.ledger.record_intent(&exchange, &[credential], event).await.unwrap();
+    assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 0, "an exchange in flight is left alone");
+    t.clock.advance(chrono::Duration::minutes(3));
+    assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);
+    assert_eq!(t.credential_states(), [("failed".to_string(), 1)]);
+    assert_eq!(t.events("credential.reconciled").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_broken_policy_set_is_refused_and_the_old_one_keeps_serving() {
+    let t = TestApp::builder().no_background().start().await;
+    let broken = t.policy_dir().join("broken.toml");
+    std::fs::write(&broken, "agent = \"x\"\nissuer = \"github-actions\"\nttl = \"15m\"\nsurprise = 1\n").unwrap();
+    assert!(!latchkey::worker::reload_policies(&t.app).await);
+    let failed = t.events("policy.reload_failed").await;
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0]["detail"]["errors"][0].as_str().unwrap().contains("broken.toml"), "{}", failed[0]);
+    let claims = json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" });
+    assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK);
+
+    std::fs::remove_file(&broken).unwrap();
+    std::fs::write(t.policy_dir().join("pr-review.toml"), "this is = not toml [").unwrap();
+    assert!(!latchkey::worker::reload_policies(&t.app).await);
+    assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK, "old set still serves");
+
+    std::fs::copy(crate::support::test_app::repo_path("policies/pr-review.toml"), t.policy_dir().join("pr-review.toml"))
+        .unwrap();
+    assert!(latchkey::worker::reload_policies(&t.app).await);
+    assert_eq!(t.events("policy.reloaded").await.len(), 1);
+    let _ = Utc::now();
+}

@@ -1,0 +1,413 @@
+//! `TestApp`: a real broker on a loopback port with a SQLite ledger in a temporary folder, and
+//! `TestIssuer`: an in-process OIDC issuer (discovery + JWKS over HTTP) whose ES256 key the
+//! tests hold, so they can sign good tokens and craft hostile ones.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use axum::Json;
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use chrono::Utc;
+use latchkey::app::{AppState, ManualClock};
+use latchkey::backend::Backend;
+use latchkey::config::Config;
+use latchkey::seal::Sealer;
+use latchkey::server::{self, Options, Running};
+use reqwest::StatusCode;
+use serde_json::{Map, Value, json};
+
+pub const AUDIENCE: &str = "https://latchkey.test";
+
+/// An OIDC issuer on a loopback port with one ES256 key.
+pub struct TestIssuer {
+    pub url: String,
+    pub kid: String,
+    pair: Arc<EcdsaKeyPair>,
+    rng: SystemRandom,
+    jwks_fetches: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestIssuer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestIssuer {
+    pub async fn start() -> TestIssuer {
+        Self::start_with_kid("test-key-1").await
+    }
+
+    pub async fn start_with_kid(kid: &str) -> TestIssuer {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = Arc::new(EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let point = pair.public_key().as_ref().to_vec();
+        let jwks = json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+            "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65]),
+        }]});
+        let discovery = json!({
+            "issuer": url,
+            "jwks_uri": format!("{url}/jwks"),
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+        });
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let counter = fetches.clone();
+        let router = axum::Router::new()
+            .route("/.well-known/openid-configuration", get(move || async move { Json(discovery) }))
+            .route(
+                "/jwks",
+                get(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let jwks = jwks.clone();
+                    async move { Json(jwks) }
+                }),
+            );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        TestIssuer { url, kid: kid.to_owned(), pair, rng, jwks_fetches: fetches, task }
+    }
+
+    /// GitHub-Actions-style claims for `acme/widgets` on `main`, with `overrides` applied
+    /// (`null` removes a claim).
+    pub fn claims(&self, overrides: Value) -> Map<String, Value> {
+        let now = Utc::now().timestamp();
+        let mut claims = json!({
+            "iss": self.url,
+            "aud": AUDIENCE,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "sub": "repo:acme/widgets:ref:refs/heads/main",
+            "repository": "acme/widgets",
+            "repository_owner": "acme",
+            "repository_owner_id": "1234567",
+            "repository_id": "7654321",
+            "ref": "refs/heads/main",
+            "ref_type": "branch",
+            "event_name": "push",
+            "actor": "octocat",
+            "job_workflow_ref": "acme/widgets/.github/workflows/ci.yml@refs/heads/main",
+            "workflow": "CI",
+            "run_id": "4242",
+            "runner_environment": "github-hosted",
+        });
+        let map = claims.as_object_mut().unwrap();
+        for (k, v) in overrides.as_object().cloned().unwrap_or_default() {
+            if v.is_null() {
+                map.remove(&k);
+            } else {
+                map.insert(k, v);
+            }
+        }
+        map.clone()
+    }
+
+    /// A token signed with this issuer's key.
+    pub fn token(&self, overrides: Value) -> String {
+        let header = json!({ "alg": "ES256", "typ": "JWT", "kid": self.kid });
+        self.sign(&header, &Value::Object(self.claims(overrides)))
+    }
+
+    /// Signs any header and claims with this issuer's ES256 key.
+    pub fn sign(&self, header: &Value, claims: &Value) -> String {
+        let mut t = format!("{}.{}", B64.encode(header.to_string()), B64.encode(claims.to_string()));
+        let sig = self.pair.sign(&self.rng, t.as_bytes()).unwrap();
+        t.push('.');
+        t.push_str(&B64.encode(sig.as_ref()));
+        t
+    }
+
+    /// The public key as an attacker would find it, for "HMAC with the public key" attacks.
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    pub fn jwks_fetches(&self) -> usize {
+        self.jwks_fetches.load(Ordering::SeqCst)
+    }
+}
+
+/// How to build a [`TestApp`].
+pub struct Builder {
+    extra_policies: Vec<(String, String)>,
+    config_tail: String,
+    backends: Vec<Arc<dyn Backend>>,
+    background: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder { extra_policies: Vec::new(), config_tail: String::new(), backends: Vec::new(), background: true }
+    }
+}
+
+impl Builder {
+    /// Adds a policy file beside the example policies.
+    pub fn policy(mut self, name: &str, text: &str) -> Self {
+        self.extra_policies.push((name.to_owned(), text.to_owned()));
+        self
+    }
+
+    /// Appends TOML to the generated config.
+    pub fn config(mut self, tail: &str) -> Self {
+        self.config_tail.push_str(tail);
+        self
+    }
+
+    /// Adds (or replaces) a backend: for doubles of services that have no local server.
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
+    /// Without the background loops: tests drive the workers themselves.
+    pub fn no_background(mut self) -> Self {
+        self.background = false;
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let issuer = TestIssuer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        copy_dir(&repo_path("policies"), &policies);
+        for (name, text) in &self.extra_policies {
+            std::fs::write(policies.join(name), text).unwrap();
+        }
+        let text = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+audience = "{AUDIENCE}"
+[store]
+url = "sqlite://latchkey.db"
+[policies]
+dir = "policies"
+reload_interval = "1h"
+[[issuer]]
+id = "github-actions"
+kind = "github"
+url = "{url}"
+algorithms = ["ES256"]
+max_token_age = "10m"
+[[admin_key]]
+name = "test-admin"
+role = "admin"
+sha256 = "{admin}"
+[[admin_key]]
+name = "test-service"
+role = "service"
+sha256 = "{service}"
+[[admin_key]]
+name = "test-auditor"
+role = "auditor"
+sha256 = "{auditor}"
+{tail}
+"#,
+            url = issuer.url,
+            admin = sha256_hex(ADMIN_KEY),
+            service = sha256_hex(SERVICE_KEY),
+            auditor = sha256_hex(AUDITOR_KEY),
+            tail = self.config_tail,
+        );
+        let config_path = dir.path().join("latchkey.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let config = Config::load(&config_path).unwrap();
+        let clock = ManualClock::new(Utc::now());
+        let options = Options {
+            clock: clock.clone(),
+            migrate: true,
+            dev_issuer: None,
+            sealer: Some(Sealer::from_bytes(&[9; 32])),
+            backends: self.backends,
+        };
+        let app = server::build(config, options).await.unwrap();
+        let running = server::start(app.clone(), None, self.background).await.unwrap();
+        TestApp {
+            url: running.url(),
+            client: reqwest::Client::new(),
+            issuer,
+            app,
+            clock,
+            running: Some(running),
+            dir,
+        }
+    }
+}
+
+pub const ADMIN_KEY: &str = "lk_test_admin_key";
+pub const SERVICE_KEY: &str = "lk_test_service_key";
+pub const AUDITOR_KEY: &str = "lk_test_auditor_key";
+
+/// A running broker and what a test needs around it.
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub issuer: TestIssuer,
+    pub app: AppState,
+    /// The broker's clock: tests move it instead of sleeping.
+    pub clock: Arc<ManualClock>,
+    running: Option<Running>,
+    pub dir: tempfile::TempDir,
+}
+
+/// An HTTP answer: status, headers and the JSON body (`null` if it was not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl TestApp {
+    pub async fn start() -> TestApp {
+        Builder::default().start().await
+    }
+
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A valid subject token for `acme/widgets` on `main`, with overrides.
+    pub fn token(&self, overrides: Value) -> String {
+        self.issuer.token(overrides)
+    }
+
+    /// `POST /v1/token` with the form encoding.
+    pub async fn exchange(&self, token: &str, capability: &str) -> Answer {
+        self.exchange_form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("subject_token", token),
+            ("scope", capability),
+        ])
+        .await
+    }
+
+    pub async fn exchange_form(&self, form: &[(&str, &str)]) -> Answer {
+        let r = self.client.post(format!("{}/v1/token", self.url)).form(form).send().await.unwrap();
+        answer(r).await
+    }
+
+    pub async fn exchange_json(&self, body: &Value) -> Answer {
+        let r = self.client.post(format!("{}/v1/token", self.url)).json(body).send().await.unwrap();
+        answer(r).await
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> Answer {
+        let mut r = self.client.get(format!("{}{path}", self.url));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        answer(r.send().await.unwrap()).await
+    }
+
+    pub async fn post_form(&self, path: &str, key: Option<&str>, form: &[(&str, &str)]) -> Answer {
+        let mut r = self.client.post(format!("{}{path}", self.url)).form(form);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        answer(r.send().await.unwrap()).await
+    }
+
+    pub async fn post_json(&self, path: &str, key: Option<&str>, body: &Value) -> Answer {
+        let mut r = self.client.post(format!("{}{path}", self.url)).json(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        answer(r.send().await.unwrap()).await
+    }
+
+    /// Every audit event, oldest first, read through the API.
+    pub async fn audit(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let a = self.get(&format!("/v1/audit?limit=1000&cursor={cursor}"), Some(AUDITOR_KEY)).await;
+            assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+            out.extend(a.body["items"].as_array().unwrap().iter().map(|i| i["event"].clone()));
+            match a.body["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => return out,
+            }
+        }
+    }
+
+    /// Audit events of one kind.
+    pub async fn events(&self, name: &str) -> Vec<Value> {
+        self.audit().await.into_iter().filter(|e| e["event"] == name).collect()
+    }
+
+    /// `(state, count)` of every credential row, read straight from the SQLite file.
+    pub fn credential_states(&self) -> Vec<(String, i64)> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.dir.path().join("latchkey.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut stmt = conn.prepare("SELECT state, count(*) FROM credentials GROUP BY state ORDER BY state").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    }
+
+    pub fn credential_count(&self) -> i64 {
+        self.credential_states().iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+pub async fn answer(r: reqwest::Response) -> Answer {
+    let status = r.status();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer { status, headers, body, text }
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+pub fn repo_path(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Base64url without padding, for hand-made tokens.
+pub fn b64(bytes: impl AsRef<[u8]>) -> String {
+    B64.encode(bytes)
+}
