@@ -85,3 +85,32 @@ pub fn fingerprint(secret: &[u8]) -> String {
     use sha2::Digest;
     base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(secret))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let mut fields = Map::new();
+        fields.insert("token".into(), Value::String("ghs_supersecret".into()));
+        let minted = Minted {
+            secret: SecretFields(fields),
+            access_token: "ghs_supersecret".to_string().into(),
+            issued_token_type: "t",
+            token_type: "Bearer",
+            handle: Some(secrecy::SecretBox::new(Box::new(b"ghs_supersecret".to_vec()))),
+            fingerprint: fingerprint(b"ghs_supersecret"),
+            expires_at: DateTime::<Utc>::UNIX_EPOCH,
+        };
+        let debug = format!("{minted:?}");
+        assert!(!debug.contains("supersecret"), "{debug}");
+        assert!(debug.contains("token"), "field names stay visible: {debug}");
+    }
+
+    #[test]
+    fn fingerprints_are_base64_sha256_like_githubs_hashed_token() {
+        // echo -n "abc" | sha256sum | xxd -r -p | base64
+        assert_eq!(fingerprint(b"abc"), "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=");
+    }
+}
