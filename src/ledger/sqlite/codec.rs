@@ -10,9 +10,7 @@ use rusqlite::{ErrorCode, Row};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::super::{
-    CredentialRow, CredentialState, ExchangeRow, ExchangeState, Job, JobKind, LedgerError, StoredKey,
-};
+use super::super::{CredentialRow, CredentialState, ExchangeRow, ExchangeState, Job, JobKind, LedgerError, StoredKey};
 use crate::audit::StoredEvent;
 use crate::kill::{KillRule, Selector};
 use crate::policy::BackendKind;
@@ -339,6 +337,10 @@ pub(super) fn query_all<T>(
 }
 
 /// Runs a cached statement that returns no rows; answers the number of rows changed.
-pub(super) fn exec(conn: &rusqlite::Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize, LedgerError> {
+pub(super) fn exec(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<usize, LedgerError> {
     conn.prepare_cached(sql).map_err(db_err)?.execute(params).map_err(db_err)
 }

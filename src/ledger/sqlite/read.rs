@@ -65,9 +65,8 @@ impl ReadPool {
 }
 
 fn open_reader(path: &PathBuf) -> Result<Connection, LedgerError> {
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(db_err)?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(db_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
     // A read connection must never write, whatever a bug asks of it.
     conn.pragma_update(None, "query_only", true).map_err(db_err)?;

@@ -80,11 +80,25 @@ impl Writer {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn head_for_tests(&self) -> ChainHead {
+        self.head
+    }
+
+    #[cfg(test)]
+    pub(super) fn conn_for_tests(&self) -> &Connection {
+        &self.conn
+    }
+
     fn control(&self, sql: &str) -> Result<(), LedgerError> {
         self.conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
     }
 
-    fn run_batch(&mut self, batch: &mut Vec<Command>, answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>) {
+    pub(super) fn run_batch(
+        &mut self,
+        batch: &mut Vec<Command>,
+        answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
+    ) {
         let mut start = self.head;
         if let Err(e) = self.control("BEGIN IMMEDIATE") {
             for cmd in batch.drain(..) {
