@@ -103,6 +103,8 @@ impl SqliteLedger {
         conn.pragma_update(None, "foreign_keys", true).map_err(db_err)?;
         // Savepoint journals stay in memory: they only ever hold one batch.
         conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
+        // After a burst, the WAL file shrinks back once checkpointed instead of keeping its peak.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(db_err)?;
         if current < schema::latest() {
             schema::migrate(&mut conn, current)?;
         }
