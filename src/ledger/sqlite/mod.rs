@@ -1,0 +1,336 @@
+//! The SQLite ledger: one node, WAL, durable commits, group commit.
+//!
+//! * Writes go to one writer thread that owns the only writing connection and commits whatever
+//!   is queued in one transaction ([`writer`]); every reply follows a durable COMMIT
+//!   (`synchronous = FULL`).
+//! * Reads go to a small pool of read connections on blocking tasks ([`read`]); WAL lets them
+//!   run beside the writer.
+//! * The database belongs to one process: an exclusive lock on `<db>.lock`, held for the
+//!   ledger's lifetime, refuses a second `open`, in this process or another. The writer's
+//!   in-memory chain head and its serialization of activations with kill creation are only
+//!   sound with a single writer.
+//! * The schema comes from `migrations/sqlite`, tracked in `PRAGMA user_version` ([`schema`]).
+
+mod codec;
+mod ops;
+mod read;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use self::codec::{Cols, db_err, hash_from_hex, id, query_opt, ts};
+use self::ops::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Reply};
+use self::read::{BUSY_TIMEOUT, ReadPool};
+use self::writer::{ChainHead, Command, Writer};
+use super::{
+    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, Handle, Job, JobOutcome, KillEffect,
+    KillState, Ledger, LedgerError, NewJob, StoredKey,
+};
+use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
+use crate::kill::KillRule;
+
+/// Read connections: reads are short, and the writer is the bottleneck, not them.
+const READERS: usize = 4;
+
+/// Commands that may wait for the writer. A full queue makes callers wait (back-pressure)
+/// instead of growing without bound.
+const QUEUE: usize = 4 * writer::MAX_BATCH;
+
+/// Opens (creating if needed) the database at `path`.
+pub async fn open(path: &Path, migrate: bool) -> Result<Arc<dyn Ledger>, LedgerError> {
+    let path = path.to_owned();
+    let ledger = tokio::task::spawn_blocking(move || SqliteLedger::open(path, migrate))
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("opening the ledger failed: {e}")))??;
+    Ok(Arc::new(ledger))
+}
+
+pub struct SqliteLedger {
+    /// The database path, for messages.
+    shown: String,
+    /// The writer's queue. Dropping the last sender stops the writer.
+    writer: mpsc::Sender<Command>,
+    /// Joined on drop, so that the file lock is released when the ledger is gone.
+    thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<ReadPool>,
+}
+
+impl std::fmt::Debug for SqliteLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteLedger").field("path", &self.shown).finish_non_exhaustive()
+    }
+}
+
+impl SqliteLedger {
+    fn open(path: PathBuf, migrate: bool) -> Result<SqliteLedger, LedgerError> {
+        let shown = path.display().to_string();
+        // Without `migrate`, a missing file is an unmigrated database: refuse it without creating
+        // anything, not even the lock file.
+        if !migrate && !path.exists() {
+            schema::check(0, false, &shown)?;
+        }
+        let lock = lock(&path, &shown)?;
+
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if migrate {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let current = schema::version(&conn)?;
+        schema::check(current, migrate, &shown)?;
+
+        // WAL: readers never block the writer nor each other. FULL: a commit is on disk before
+        // its reply leaves (the intent of step 5 must survive a power cut). Foreign keys keep
+        // credentials and jobs tied to rows that exist.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(LedgerError::Unavailable(format!("{shown}: cannot use WAL (journal mode is {mode})")));
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(db_err)?;
+        // Savepoint journals stay in memory: they only ever hold one batch.
+        conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
+        // After a burst, the WAL file shrinks back once checkpointed instead of keeping its peak.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(db_err)?;
+        if current < schema::latest() {
+            schema::migrate(&mut conn, current)?;
+        }
+        conn.set_prepared_statement_cache_capacity(64);
+
+        let head = chain_head(&conn)?;
+        let readers = ReadPool::open(path, READERS)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let thread = Writer::new(conn, head, lock).spawn(rx)?;
+        tracing::info!(path = %shown, events = head.seq, "ledger.opened");
+        Ok(SqliteLedger { shown, writer: tx, thread: Mutex::new(Some(thread)), readers })
+    }
+
+    async fn write(&self, op: Op) -> Result<Reply, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command { op, reply }).await.map_err(|_| self.stopped())?;
+        answer.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> LedgerError {
+        LedgerError::Unavailable(format!("the ledger writer for {} has stopped", self.shown))
+    }
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        // Close the queue, then wait for the writer to finish its batch and close the database,
+        // so that the lock is free again once the ledger is dropped.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Takes the exclusive lock of the database at `path`, a sidecar file `<path>.lock`: SQLite's own
+/// locks only guard single transactions, while the ledger assumes it is the only writer for its
+/// whole life.
+fn lock(path: &Path, shown: &str) -> Result<File, LedgerError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(PathBuf::from(name))
+        .map_err(|e| LedgerError::Unavailable(format!("{shown}: cannot open its lock file: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => {
+            Err(LedgerError::Unavailable(format!("{shown} is in use by another latchkey process")))
+        }
+        Err(TryLockError::Error(e)) => Err(LedgerError::Unavailable(format!("{shown}: cannot lock: {e}"))),
+    }
+}
+
+fn chain_head(conn: &Connection) -> Result<ChainHead, LedgerError> {
+    let last = query_opt(conn, "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
+        let c = Cols::new(r, "audit_events");
+        Ok((c.int(0, "seq")?, c.text(1, "hash")?))
+    })?;
+    Ok(match last {
+        None => ChainHead { seq: 0, hash: GENESIS_HASH },
+        Some((seq, hash)) => ChainHead {
+            seq,
+            hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt(format!("audit_events.hash of {seq}")))?,
+        },
+    })
+}
+
+/// Replies come back typed by the command that was sent; a mismatch is a bug in this module.
+fn unexpected(reply: Reply) -> LedgerError {
+    LedgerError::Unavailable(format!("internal error: unexpected ledger reply {reply:?}"))
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl Ledger for SqliteLedger {
+    async fn record_refusal(&self, exchange: &ExchangeRow, event: AuditEvent) -> Result<(), LedgerError> {
+        let op = Op::Refusal { exchange: ExchangeParams::new(exchange), event: EventParams::new(&event) };
+        self.write(op).await.map(drop)
+    }
+
+    async fn record_intent(
+        &self,
+        exchange: &ExchangeRow,
+        credentials: &[CredentialRow],
+        event: AuditEvent,
+    ) -> Result<(), LedgerError> {
+        let op = Op::Intent {
+            exchange: ExchangeParams::new(exchange),
+            credentials: credentials.iter().map(CredentialParams::new).collect(),
+            event: EventParams::new(&event),
+        };
+        self.write(op).await.map(drop)
+    }
+
+    async fn record_handle(&self, credential_id: Uuid, handle: &Handle) -> Result<(), LedgerError> {
+        self.write(Op::handle(credential_id, handle)).await.map(drop)
+    }
+
+    async fn activate(&self, activate: Activate) -> Result<Activation, LedgerError> {
+        match self.write(Op::activate(activate)).await? {
+            Reply::Activation(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn abort(&self, abort: Abort) -> Result<(), LedgerError> {
+        self.write(Op::abort(abort)).await.map(drop)
+    }
+
+    async fn jti_spent(&self, issuer: &str, jti: &str, capability: &str) -> Result<bool, LedgerError> {
+        let (issuer, jti, capability) = (issuer.to_owned(), jti.to_owned(), capability.to_owned());
+        self.readers.run(move |c| read::jti_spent(c, &issuer, &jti, &capability)).await
+    }
+
+    async fn exchange(&self, exchange_id: Uuid) -> Result<Option<ExchangeRow>, LedgerError> {
+        let exchange_id = id(exchange_id);
+        self.readers.run(move |c| read::exchange(c, &exchange_id)).await
+    }
+
+    async fn credential(&self, credential_id: Uuid) -> Result<Option<CredentialRow>, LedgerError> {
+        let credential_id = id(credential_id);
+        self.readers.run(move |c| read::credential(c, &credential_id)).await
+    }
+
+    async fn credentials_of_exchange(&self, exchange_id: Uuid) -> Result<Vec<CredentialRow>, LedgerError> {
+        let exchange_id = id(exchange_id);
+        self.readers.run(move |c| read::credentials_of_exchange(c, &exchange_id)).await
+    }
+
+    async fn pending_credentials(&self, before: DateTime<Utc>) -> Result<Vec<CredentialRow>, LedgerError> {
+        self.readers.run(move |c| read::pending_credentials(c, before)).await
+    }
+
+    async fn transition_credential(
+        &self,
+        credential_id: Uuid,
+        from: &[CredentialState],
+        to: CredentialState,
+        event: AuditEvent,
+    ) -> Result<bool, LedgerError> {
+        let op = Op::Transition { id: id(credential_id), from: from.to_vec(), to, event: EventParams::new(&event) };
+        match self.write(op).await? {
+            Reply::Moved(moved) => Ok(moved),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn create_kill(&self, rule: &KillRule, event: AuditEvent) -> Result<KillEffect, LedgerError> {
+        let selector = serde_json::to_string(&rule.selector)
+            .map_err(|e| LedgerError::Conflict(format!("selector does not serialize: {e}")))?;
+        let op = Op::CreateKill { rule: rule.clone(), selector, event: EventParams::new(&event) };
+        match self.write(op).await? {
+            Reply::KillEffect(effect) => Ok(effect),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn kill_state(&self, now: DateTime<Utc>) -> Result<KillState, LedgerError> {
+        self.readers.run(move |c| read::kill_state(c, now)).await
+    }
+
+    async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        self.write(Op::EnqueueJobs(jobs.iter().map(JobParams::new).collect())).await.map(drop)
+    }
+
+    async fn claim_jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit_: usize,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>, LedgerError> {
+        let op = Op::ClaimJobs { now: ts(now), limit: limit(limit_), lease_until: ts(lease_until) };
+        match self.write(op).await? {
+            Reply::Jobs(jobs) => Ok(jobs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn finish_job(&self, job: &Job, outcome: JobOutcome) -> Result<(), LedgerError> {
+        self.write(Op::finish_job(job, outcome)).await.map(drop)
+    }
+
+    async fn job_queue_depth(&self) -> Result<u64, LedgerError> {
+        self.readers.run(read::job_queue_depth).await
+    }
+
+    async fn append_event(&self, event: AuditEvent) -> Result<(), LedgerError> {
+        self.write(Op::AppendEvent(EventParams::new(&event))).await.map(drop)
+    }
+
+    async fn events(&self, after: i64, limit_: usize) -> Result<Vec<StoredEvent>, LedgerError> {
+        let limit = limit(limit_);
+        self.readers.run(move |c| read::events(c, after, limit)).await
+    }
+
+    async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError> {
+        self.readers.run(read::signing_keys).await
+    }
+
+    async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError> {
+        self.write(Op::insert_signing_key(key, &event)).await.map(drop)
+    }
+
+    async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError> {
+        match self.write(Op::Prune { now: ts(now) }).await? {
+            Reply::Count(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        // Ready means both sides answer: a dead writer would refuse every exchange.
+        if self.writer.is_closed() {
+            return Err(self.stopped());
+        }
+        self.readers.run(read::ping).await
+    }
+}

@@ -1,0 +1,896 @@
+//! The write commands and what each does inside the writer's transaction.
+//!
+//! A command's parameters are converted to column values on the caller's task ([`Op`] holds
+//! owned text ready to bind, audit bodies already canonicalized), so that the single writer
+//! thread only binds, executes and hashes. Each command runs inside its own savepoint; it answers
+//! [`Applied::keep`] when its changes must stay and [`Applied::undo`] when the answer itself
+//! means "nothing changed" (a killed or replayed activation), and the writer rolls the savepoint
+//! back in that case and on any error.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, params};
+use uuid::Uuid;
+
+use super::codec::{
+    self, credential_columns, exchange_columns, exec, id, job_columns, job_from_row, kill_rule_columns,
+    kill_rule_from_row, query_all, query_opt, ts, ts_opt,
+};
+use super::writer::ChainHead;
+use crate::audit::{AuditEvent, canonical_body, chain_hash};
+use crate::kill::{KillRule, KillSubject};
+use crate::ledger::{
+    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job, JobOutcome,
+    KillEffect, LedgerError, NewJob, StoredKey,
+};
+
+/// An exchange row as column values.
+pub(super) struct ExchangeParams {
+    state: ExchangeState,
+    id: String,
+    request_id: String,
+    created_at: String,
+    error: Option<String>,
+    reason: Option<String>,
+    issuer: Option<String>,
+    subject: Option<String>,
+    repository: Option<String>,
+    workflow: Option<String>,
+    capability: Option<String>,
+    agent: Option<String>,
+    claims: String,
+    trace: String,
+    policy_sha256: Option<String>,
+    release_token_sha256: Option<String>,
+    expires_at: Option<String>,
+}
+
+impl ExchangeParams {
+    pub(super) fn new(e: &ExchangeRow) -> Self {
+        ExchangeParams {
+            state: e.state,
+            id: id(e.id),
+            request_id: e.request_id.clone(),
+            created_at: ts(e.created_at),
+            error: e.error.clone(),
+            reason: e.reason.clone(),
+            issuer: e.issuer.clone(),
+            subject: e.subject.clone(),
+            repository: e.repository.clone(),
+            workflow: e.workflow.clone(),
+            capability: e.capability.clone(),
+            agent: e.agent.clone(),
+            claims: e.claims.to_string(),
+            trace: e.trace.to_string(),
+            policy_sha256: e.policy_sha256.clone(),
+            release_token_sha256: e.release_token_sha256.clone(),
+            expires_at: ts_opt(e.expires_at),
+        }
+    }
+}
+
+/// A credential row as column values.
+pub(super) struct CredentialParams {
+    state: CredentialState,
+    id: String,
+    exchange_id: String,
+    name: String,
+    backend: &'static str,
+    agent: String,
+    capability: String,
+    issuer: String,
+    subject: String,
+    repository: Option<String>,
+    workflow: Option<String>,
+    created_at: String,
+    expires_at: String,
+    fingerprint: Option<String>,
+    handle: Option<Vec<u8>>,
+    revoke_requested: bool,
+    revoked_at: Option<String>,
+}
+
+impl CredentialParams {
+    pub(super) fn new(c: &CredentialRow) -> Self {
+        CredentialParams {
+            state: c.state,
+            id: id(c.id),
+            exchange_id: id(c.exchange_id),
+            name: c.name.clone(),
+            backend: c.backend.as_str(),
+            agent: c.agent.clone(),
+            capability: c.capability.clone(),
+            issuer: c.issuer.clone(),
+            subject: c.subject.clone(),
+            repository: c.repository.clone(),
+            workflow: c.workflow.clone(),
+            created_at: ts(c.created_at),
+            expires_at: ts(c.expires_at),
+            fingerprint: c.fingerprint.clone(),
+            handle: c.handle.clone(),
+            revoke_requested: c.revoke_requested,
+            revoked_at: ts_opt(c.revoked_at),
+        }
+    }
+}
+
+/// A job as column values.
+pub(super) struct JobParams {
+    id: String,
+    kind: &'static str,
+    credential_id: String,
+    kill_id: Option<String>,
+    run_at: String,
+}
+
+impl JobParams {
+    pub(super) fn new(j: &NewJob) -> Self {
+        JobParams {
+            id: id(j.id),
+            kind: j.kind.as_str(),
+            credential_id: id(j.credential_id),
+            kill_id: j.kill_id.map(id),
+            run_at: ts(j.run_at),
+        }
+    }
+}
+
+/// An audit event, canonicalized, with its time as a column value (for `revoked_at`, `done_at`).
+pub(super) struct EventParams {
+    body: String,
+    at: Result<String, String>,
+}
+
+impl EventParams {
+    pub(super) fn new(e: &AuditEvent) -> Self {
+        // The event's time is when the change it records happened; it is also the time stored on
+        // the row (revoked_at, done_at), so that the audit trail and the rows agree.
+        let at = codec::parse_time(&e.time).map(ts).ok_or_else(|| format!("event time {:?} is not RFC 3339", e.time));
+        EventParams { body: canonical_body(e), at }
+    }
+
+    fn at(&self) -> Result<&str, LedgerError> {
+        self.at.as_deref().map_err(|m| LedgerError::Conflict(m.to_owned()))
+    }
+}
+
+pub(super) enum FinishParams {
+    Done { state: CredentialState, event: EventParams },
+    Retry { run_at: String, error: String },
+    Failed { error: String, event: EventParams },
+}
+
+/// One write command.
+pub(super) enum Op {
+    Refusal {
+        exchange: ExchangeParams,
+        event: EventParams,
+    },
+    Intent {
+        exchange: ExchangeParams,
+        credentials: Vec<CredentialParams>,
+        event: EventParams,
+    },
+    Handle {
+        credential_id: String,
+        sealed: Option<Vec<u8>>,
+        fingerprint: String,
+        expires_at: String,
+    },
+    Activate {
+        exchange_id: String,
+        now: DateTime<Utc>,
+        seen_kill_epoch: i64,
+        subject: KillSubject,
+        jti: Option<(String, String, String, String)>,
+        jobs: Vec<JobParams>,
+        event: EventParams,
+    },
+    Abort {
+        exchange_id: String,
+        state: ExchangeState,
+        error: String,
+        reason: String,
+        unrevoked: Vec<String>,
+        event: EventParams,
+    },
+    Transition {
+        id: String,
+        from: Vec<CredentialState>,
+        to: CredentialState,
+        event: EventParams,
+    },
+    CreateKill {
+        rule: KillRule,
+        selector: String,
+        event: EventParams,
+    },
+    EnqueueJobs(Vec<JobParams>),
+    ClaimJobs {
+        now: String,
+        limit: i64,
+        lease_until: String,
+    },
+    FinishJob {
+        job_id: String,
+        outcome: FinishParams,
+    },
+    AppendEvent(EventParams),
+    InsertSigningKey {
+        id: String,
+        algorithm: String,
+        sealed_private: Vec<u8>,
+        public_jwk: String,
+        created_at: String,
+        event: EventParams,
+    },
+    Prune {
+        now: String,
+    },
+}
+
+impl Op {
+    pub(super) fn handle(credential_id: Uuid, h: &Handle) -> Op {
+        Op::Handle {
+            credential_id: id(credential_id),
+            sealed: h.sealed.clone(),
+            fingerprint: h.fingerprint.clone(),
+            expires_at: ts(h.expires_at),
+        }
+    }
+
+    pub(super) fn activate(a: Activate) -> Op {
+        Op::Activate {
+            exchange_id: id(a.exchange_id),
+            now: a.now,
+            seen_kill_epoch: a.seen_kill_epoch,
+            subject: a.subject,
+            jti: a.jti.map(|j| (j.issuer, j.jti, j.capability, ts(j.keep_until))),
+            jobs: a.jobs.iter().map(JobParams::new).collect(),
+            event: EventParams::new(&a.event),
+        }
+    }
+
+    pub(super) fn abort(a: Abort) -> Op {
+        Op::Abort {
+            exchange_id: id(a.exchange_id),
+            state: a.state,
+            error: a.error,
+            reason: a.reason,
+            unrevoked: a.unrevoked.into_iter().map(id).collect(),
+            event: EventParams::new(&a.event),
+        }
+    }
+
+    pub(super) fn finish_job(job: &Job, outcome: JobOutcome) -> Op {
+        let outcome = match outcome {
+            JobOutcome::Done { state, event } => FinishParams::Done { state, event: EventParams::new(&event) },
+            JobOutcome::Retry { run_at, error } => FinishParams::Retry { run_at: ts(run_at), error },
+            JobOutcome::Failed { error, event } => FinishParams::Failed { error, event: EventParams::new(&event) },
+        };
+        Op::FinishJob { job_id: id(job.id), outcome }
+    }
+
+    pub(super) fn insert_signing_key(key: &StoredKey, event: &AuditEvent) -> Op {
+        Op::InsertSigningKey {
+            id: key.id.clone(),
+            algorithm: key.algorithm.clone(),
+            sealed_private: key.sealed_private.clone(),
+            public_jwk: key.public_jwk.to_string(),
+            created_at: ts(key.created_at),
+            event: EventParams::new(event),
+        }
+    }
+}
+
+/// What a command answers.
+#[derive(Debug)]
+pub(super) enum Reply {
+    Done,
+    Moved(bool),
+    Activation(Activation),
+    KillEffect(KillEffect),
+    Jobs(Vec<Job>),
+    Count(u64),
+}
+
+/// A command's answer and whether its changes stay.
+pub(super) struct Applied {
+    pub(super) reply: Reply,
+    pub(super) keep: bool,
+}
+
+impl Applied {
+    fn keep(reply: Reply) -> Self {
+        Applied { reply, keep: true }
+    }
+
+    fn undo(reply: Reply) -> Self {
+        Applied { reply, keep: false }
+    }
+}
+
+const INSERT_EXCHANGE: &str = concat!(
+    "INSERT INTO exchanges (",
+    exchange_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+);
+
+const INSERT_CREDENTIAL: &str = concat!(
+    "INSERT INTO credentials (",
+    credential_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+);
+
+const INSERT_JOB: &str =
+    "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0)";
+
+const INSERT_EVENT: &str = "INSERT INTO audit_events (seq, prev_hash, hash, body) VALUES (?1, ?2, ?3, ?4)";
+
+/// A command's view of the open transaction: the write connection and the chain head.
+pub(super) struct Tx<'a> {
+    pub(super) conn: &'a Connection,
+    pub(super) head: &'a mut ChainHead,
+}
+
+impl Tx<'_> {
+    pub(super) fn apply(&mut self, op: Op) -> Result<Applied, LedgerError> {
+        match op {
+            Op::Refusal { exchange, event } => {
+                if matches!(exchange.state, ExchangeState::Pending | ExchangeState::Allowed) {
+                    return Err(LedgerError::Conflict(format!(
+                        "a refusal ends denied or failed, not {}",
+                        exchange.state.as_str()
+                    )));
+                }
+                self.insert_exchange(&exchange)?;
+                self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Intent { exchange, credentials, event } => self.intent(&exchange, &credentials, &event),
+            Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
+                // Only a pending row takes a handle: an active row's handle is what revocation
+                // relies on, and a finished row has nothing left to revoke. A row a kill marked
+                // `revoke_requested` still takes it: the exchange needs it to revoke.
+                let n = exec(
+                    self.conn,
+                    "UPDATE credentials SET handle = ?2, fingerprint = ?3, expires_at = ?4 \
+                     WHERE id = ?1 AND state = 'pending'",
+                    params![credential_id, sealed, fingerprint, expires_at],
+                )?;
+                if n == 0 {
+                    return Err(self.credential_not_pending(&credential_id, "take a handle")?);
+                }
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
+                self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event)
+            }
+            Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
+                self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event)
+            }
+            Op::Transition { id, from, to, event } => self.transition(&id, &from, to, &event),
+            Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event),
+            Op::EnqueueJobs(jobs) => {
+                for job in &jobs {
+                    self.insert_job(job)?;
+                }
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::ClaimJobs { now, limit, lease_until } => self.claim_jobs(&now, limit, &lease_until),
+            Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome),
+            Op::AppendEvent(event) => {
+                self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::InsertSigningKey { id, algorithm, sealed_private, public_jwk, created_at, event } => {
+                exec(
+                    self.conn,
+                    "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, algorithm, sealed_private, public_jwk, created_at],
+                )?;
+                self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Prune { now } => {
+                let n = exec(self.conn, "DELETE FROM spent_jti WHERE keep_until < ?1", [now])?;
+                Ok(Applied::keep(Reply::Count(n as u64)))
+            }
+        }
+    }
+
+    /// Appends one event to the chain. The caller's savepoint makes the row and the in-memory
+    /// head move together: the writer restores the head whenever it rolls a savepoint back.
+    fn append(&mut self, event: &EventParams) -> Result<(), LedgerError> {
+        let seq = self.head.seq + 1;
+        let hash = chain_hash(&self.head.hash, event.body.as_bytes());
+        exec(self.conn, INSERT_EVENT, params![seq, hex::encode(self.head.hash), hex::encode(hash), event.body])?;
+        *self.head = ChainHead { seq, hash };
+        Ok(())
+    }
+
+    fn insert_exchange(&self, e: &ExchangeParams) -> Result<(), LedgerError> {
+        exec(
+            self.conn,
+            INSERT_EXCHANGE,
+            params![
+                e.id,
+                e.request_id,
+                e.created_at,
+                e.state.as_str(),
+                e.error,
+                e.reason,
+                e.issuer,
+                e.subject,
+                e.repository,
+                e.workflow,
+                e.capability,
+                e.agent,
+                e.claims,
+                e.trace,
+                e.policy_sha256,
+                e.release_token_sha256,
+                e.expires_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn insert_job(&self, j: &JobParams) -> Result<(), LedgerError> {
+        exec(self.conn, INSERT_JOB, params![j.id, j.kind, j.credential_id, j.kill_id, j.run_at])?;
+        Ok(())
+    }
+
+    fn intent(
+        &mut self,
+        exchange: &ExchangeParams,
+        credentials: &[CredentialParams],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        // Intent is recorded before any backend is called: everything starts pending, so that a
+        // crash leaves rows the reconciler recognizes.
+        if exchange.state != ExchangeState::Pending {
+            return Err(LedgerError::Conflict(format!("an intent is pending, not {}", exchange.state.as_str())));
+        }
+        self.insert_exchange(exchange)?;
+        for c in credentials {
+            if c.exchange_id != exchange.id {
+                return Err(LedgerError::Conflict(format!("credential {} belongs to another exchange", c.id)));
+            }
+            if c.state != CredentialState::Pending {
+                return Err(LedgerError::Conflict(format!("credential {} is {}, not pending", c.id, c.state.as_str())));
+            }
+            exec(
+                self.conn,
+                INSERT_CREDENTIAL,
+                params![
+                    c.id,
+                    c.exchange_id,
+                    c.name,
+                    c.backend,
+                    c.state.as_str(),
+                    c.agent,
+                    c.capability,
+                    c.issuer,
+                    c.subject,
+                    c.repository,
+                    c.workflow,
+                    c.created_at,
+                    c.expires_at,
+                    c.fingerprint,
+                    c.handle,
+                    c.revoke_requested,
+                    c.revoked_at,
+                ],
+            )?;
+        }
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Done))
+    }
+
+    /// DESIGN step 7. In SQLite every write runs on the one writer connection inside `BEGIN
+    /// IMMEDIATE`, so reading `kill_epoch` here is already serialized with [`Tx::create_kill`]'s
+    /// bump of it; a PostgreSQL store takes the same row lock explicitly.
+    #[allow(clippy::too_many_arguments)]
+    fn activate(
+        &mut self,
+        exchange_id: &str,
+        now: DateTime<Utc>,
+        seen_kill_epoch: i64,
+        subject: &KillSubject,
+        jti: Option<&(String, String, String, String)>,
+        jobs: &[JobParams],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let n = exec(
+            self.conn,
+            "UPDATE exchanges SET state = 'allowed' WHERE id = ?1 AND state = 'pending'",
+            [exchange_id],
+        )?;
+        if n == 0 {
+            return Err(self.exchange_not_pending(exchange_id, "be activated")?);
+        }
+
+        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again with
+        // the rules as stored now.
+        let epoch = self.kill_epoch()?;
+        if epoch != seen_kill_epoch {
+            for rule in self.rules_in_force(now)? {
+                if rule.selector.matches(subject) {
+                    return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: Some(rule.id) })));
+                }
+            }
+        }
+
+        // (2) A kill that matched while the rows were pending marked them; whatever the epoch
+        // says, a marked row never becomes active.
+        let marked = query_opt(
+            self.conn,
+            "SELECT 1 FROM credentials WHERE exchange_id = ?1 AND revoke_requested = TRUE LIMIT 1",
+            [exchange_id],
+            |_| Ok(()),
+        )?;
+        if marked.is_some() {
+            return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
+        }
+
+        // (3) Single use: the binding check. The primary key makes a second spend a no-op.
+        if let Some((issuer, jti, capability, keep_until)) = jti {
+            let n = exec(
+                self.conn,
+                "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (issuer, jti, capability) DO NOTHING",
+                params![issuer, jti, capability, keep_until],
+            )?;
+            if n == 0 {
+                return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
+            }
+        }
+
+        // (4) Activate.
+        exec(
+            self.conn,
+            "UPDATE credentials SET state = 'active' WHERE exchange_id = ?1 AND state = 'pending'",
+            [exchange_id],
+        )?;
+        for job in jobs {
+            self.insert_job(job)?;
+        }
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    fn abort(
+        &mut self,
+        exchange_id: &str,
+        state: ExchangeState,
+        error: &str,
+        reason: &str,
+        unrevoked: &[String],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        if !matches!(state, ExchangeState::Failed | ExchangeState::Denied) {
+            return Err(LedgerError::Conflict(format!("an abort ends failed or denied, not {}", state.as_str())));
+        }
+        let n = exec(
+            self.conn,
+            "UPDATE exchanges SET state = ?2, error = ?3, reason = ?4 WHERE id = ?1 AND state = 'pending'",
+            params![exchange_id, state.as_str(), error, reason],
+        )?;
+        if n == 0 {
+            return Err(self.exchange_not_pending(exchange_id, "be aborted")?);
+        }
+        let pending = query_all(
+            self.conn,
+            "SELECT id FROM credentials WHERE exchange_id = ?1 AND state = 'pending'",
+            [exchange_id],
+            |r| codec::Cols::new(r, "credentials").text(0, "id"),
+        )?;
+        // What could not be revoked stays pending: the reconciler retries it, and a `failed` row
+        // would claim that nothing is issued.
+        for cid in pending.iter().filter(|c| !unrevoked.contains(c)) {
+            exec(self.conn, "UPDATE credentials SET state = 'failed' WHERE id = ?1", [cid])?;
+        }
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Done))
+    }
+
+    fn transition(
+        &mut self,
+        id: &str,
+        from: &[CredentialState],
+        to: CredentialState,
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let Some(state) = self.credential_state(id)? else {
+            return Err(LedgerError::NotFound);
+        };
+        if !from.contains(&state) {
+            return Ok(Applied::keep(Reply::Moved(false)));
+        }
+        let revoked_at = if to == CredentialState::Revoked { Some(event.at()?) } else { None };
+        exec(
+            self.conn,
+            "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at) WHERE id = ?1",
+            params![id, to.as_str(), revoked_at],
+        )?;
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Moved(true)))
+    }
+
+    /// The kill-switch, under the kill lock (see [`Tx::activate`]): after this commits, no
+    /// activation can miss the rule, every pending row it matches is marked, and every active
+    /// credential it matches has a durable revocation job.
+    fn create_kill(&mut self, rule: &KillRule, selector: &str, event: &EventParams) -> Result<Applied, LedgerError> {
+        rule.selector.validate().map_err(|e| LedgerError::Conflict(e.to_string()))?;
+        exec(self.conn, "UPDATE kill_epoch SET epoch = epoch + 1 WHERE id = 1", [])?;
+        let rule_id = id(rule.id);
+        exec(
+            self.conn,
+            concat!("INSERT INTO kill_rules (", kill_rule_columns!(), ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            params![
+                rule_id,
+                selector,
+                rule.reason,
+                ts(rule.created_at),
+                rule.created_by,
+                ts_opt(rule.expires_at),
+                ts_opt(rule.lifted_at),
+            ],
+        )?;
+
+        let mut effect = KillEffect::default();
+        if rule.in_force(rule.created_at) {
+            let run_at = ts(rule.created_at);
+            for exchange in self.live_exchanges()? {
+                if !exchange.matched_by(rule) {
+                    continue;
+                }
+                for (cid, state) in &exchange.credentials {
+                    let cid_text = id(*cid);
+                    match state {
+                        CredentialState::Pending => {
+                            exec(
+                                self.conn,
+                                "UPDATE credentials SET revoke_requested = TRUE WHERE id = ?1",
+                                [&cid_text],
+                            )?;
+                            effect.pending_marked.push(*cid);
+                        }
+                        _ => {
+                            let job = JobParams {
+                                id: id(Uuid::now_v7()),
+                                kind: crate::ledger::JobKind::Revoke.as_str(),
+                                credential_id: cid_text,
+                                kill_id: Some(rule_id.clone()),
+                                run_at: run_at.clone(),
+                            };
+                            self.insert_job(&job)?;
+                            effect.jobs.push(*cid);
+                        }
+                    }
+                }
+            }
+        }
+        self.append(event)?;
+        Ok(Applied::keep(Reply::KillEffect(effect)))
+    }
+
+    /// Every exchange that holds pending or active credentials, as a kill subject.
+    fn live_exchanges(&self) -> Result<Vec<LiveExchange>, LedgerError> {
+        let rows = query_all(
+            self.conn,
+            "SELECT c.exchange_id, c.id, c.state, c.agent, c.capability, c.issuer, c.subject, c.repository, \
+             c.workflow, e.claims \
+             FROM credentials c JOIN exchanges e ON e.id = c.exchange_id \
+             WHERE c.state IN ('pending', 'active') \
+             ORDER BY c.exchange_id, c.id",
+            [],
+            |r| {
+                let c = codec::Cols::new(r, "credentials");
+                let state = codec::credential_state(&c.text(2, "state")?)
+                    .ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))?;
+                Ok((
+                    c.uuid(0, "exchange_id")?,
+                    c.uuid(1, "id")?,
+                    state,
+                    KillSubject {
+                        agent: c.text(3, "agent")?,
+                        capability: c.text(4, "capability")?,
+                        issuer: c.text(5, "issuer")?,
+                        subject: c.text(6, "subject")?,
+                        repository: c.opt_text(7, "repository")?,
+                        workflow: c.opt_text(8, "workflow")?,
+                        claims: serde_json::Map::new(),
+                        credentials: Vec::new(),
+                    },
+                    c.text(9, "claims")?,
+                ))
+            },
+        )?;
+        let mut out: Vec<LiveExchange> = Vec::new();
+        for (exchange_id, cid, state, subject, claims) in rows {
+            match out.last_mut() {
+                Some(last) if last.id == exchange_id => {
+                    last.subject.credentials.push(cid);
+                    last.credentials.push((cid, state));
+                }
+                _ => {
+                    let (claims, claims_readable) = match serde_json::from_str::<serde_json::Value>(&claims) {
+                        Ok(serde_json::Value::Object(map)) => (map, true),
+                        Ok(serde_json::Value::Null) => (serde_json::Map::new(), true),
+                        _ => (serde_json::Map::new(), false),
+                    };
+                    out.push(LiveExchange {
+                        id: exchange_id,
+                        subject: KillSubject { claims, credentials: vec![cid], ..subject },
+                        claims_readable,
+                        credentials: vec![(cid, state)],
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn claim_jobs(&self, now: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {
+        // Claiming is a write (it sets the lease), so it runs on the writer: two workers can never
+        // claim the same job while its lease stands.
+        let jobs = query_all(
+            self.conn,
+            concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE done_at IS NULL AND run_at <= ?1 \
+                 AND (leased_until IS NULL OR leased_until <= ?1) ORDER BY run_at, id LIMIT ?2"
+            ),
+            params![now, limit],
+            job_from_row,
+        )?;
+        for job in &jobs {
+            exec(self.conn, "UPDATE jobs SET leased_until = ?2 WHERE id = ?1", params![id(job.id), lease_until])?;
+        }
+        Ok(Applied::keep(Reply::Jobs(jobs)))
+    }
+
+    fn finish_job(&mut self, job_id: &str, outcome: &FinishParams) -> Result<Applied, LedgerError> {
+        let n = match outcome {
+            FinishParams::Done { state, event } => {
+                let outcome = match state {
+                    CredentialState::Revoked => "revoked",
+                    CredentialState::Expired => "expired",
+                    other => {
+                        return Err(LedgerError::Conflict(format!(
+                            "a finished job leaves its credential revoked or expired, not {}",
+                            other.as_str()
+                        )));
+                    }
+                };
+                let at = event.at()?;
+                exec(
+                    self.conn,
+                    "UPDATE jobs SET done_at = ?2, outcome = ?3, attempts = attempts + 1, leased_until = NULL \
+                     WHERE id = ?1 AND done_at IS NULL",
+                    params![job_id, at, outcome],
+                )?
+            }
+            FinishParams::Retry { run_at, error } => exec(
+                self.conn,
+                "UPDATE jobs SET attempts = attempts + 1, run_at = ?2, last_error = ?3, leased_until = NULL \
+                 WHERE id = ?1 AND done_at IS NULL",
+                params![job_id, run_at, error],
+            )?,
+            FinishParams::Failed { error, event } => exec(
+                self.conn,
+                "UPDATE jobs SET done_at = ?2, outcome = 'failed', attempts = attempts + 1, last_error = ?3, \
+                 leased_until = NULL WHERE id = ?1 AND done_at IS NULL",
+                params![job_id, event.at()?, error],
+            )?,
+        };
+        if n == 0 {
+            let exists = query_opt(self.conn, "SELECT 1 FROM jobs WHERE id = ?1", [job_id], |_| Ok(()))?;
+            return Err(match exists {
+                None => LedgerError::NotFound,
+                Some(()) => LedgerError::Conflict("the job is already done".into()),
+            });
+        }
+        match outcome {
+            FinishParams::Done { state, event } => {
+                // The credential the job was stored with, not the caller's copy. Only a live row
+                // moves: a credential already revoked or expired keeps its first end.
+                let revoked_at = if *state == CredentialState::Revoked { Some(event.at()?) } else { None };
+                exec(
+                    self.conn,
+                    "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at) \
+                     WHERE id = (SELECT credential_id FROM jobs WHERE id = ?1) AND state IN ('pending', 'active')",
+                    params![job_id, state.as_str(), revoked_at],
+                )?;
+                self.append(event)?;
+            }
+            FinishParams::Failed { event, .. } => self.append(event)?,
+            FinishParams::Retry { .. } => {}
+        }
+        Ok(Applied::keep(Reply::Done))
+    }
+
+    fn kill_epoch(&self) -> Result<i64, LedgerError> {
+        query_opt(self.conn, "SELECT epoch FROM kill_epoch WHERE id = 1", [], |r| {
+            codec::Cols::new(r, "kill_epoch").int(0, "epoch")
+        })?
+        .ok_or_else(|| LedgerError::Corrupt("kill_epoch: the row is missing".into()))
+    }
+
+    fn rules_in_force(&self, now: DateTime<Utc>) -> Result<Vec<KillRule>, LedgerError> {
+        rules_in_force(self.conn, now)
+    }
+
+    fn credential_state(&self, id: &str) -> Result<Option<CredentialState>, LedgerError> {
+        query_opt(self.conn, "SELECT state FROM credentials WHERE id = ?1", [id], |r| {
+            let s = codec::Cols::new(r, "credentials").text(0, "state")?;
+            codec::credential_state(&s).ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))
+        })
+    }
+
+    /// Why a conditional update of a pending credential changed nothing.
+    fn credential_not_pending(&self, id: &str, what: &str) -> Result<LedgerError, LedgerError> {
+        Ok(match self.credential_state(id)? {
+            None => LedgerError::NotFound,
+            Some(s) => LedgerError::Conflict(format!("credential is {}, so it cannot {what}", s.as_str())),
+        })
+    }
+
+    /// Why a conditional update of a pending exchange changed nothing.
+    fn exchange_not_pending(&self, id: &str, what: &str) -> Result<LedgerError, LedgerError> {
+        let state = query_opt(self.conn, "SELECT state FROM exchanges WHERE id = ?1", [id], |r| {
+            codec::Cols::new(r, "exchanges").text(0, "state")
+        })?;
+        Ok(match state {
+            None => LedgerError::NotFound,
+            Some(s) => LedgerError::Conflict(format!("exchange is {s}, so it cannot {what}")),
+        })
+    }
+}
+
+/// The kill rules in force at `now`, oldest first (so the rule named in an answer is stable).
+pub(super) fn rules_in_force(conn: &Connection, now: DateTime<Utc>) -> Result<Vec<KillRule>, LedgerError> {
+    let mut rules = query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            kill_rule_columns!(),
+            " FROM kill_rules WHERE lifted_at IS NULL AND (expires_at IS NULL OR expires_at > ?1) \
+             ORDER BY created_at, id"
+        ),
+        [ts(now)],
+        kill_rule_from_row,
+    )?;
+    // The text comparison above works at millisecond precision; this one is exact.
+    rules.retain(|r| r.in_force(now));
+    Ok(rules)
+}
+
+/// One exchange that still holds pending or active credentials.
+struct LiveExchange {
+    id: Uuid,
+    /// The exchange's identity; `credentials` lists its live credentials, because a
+    /// `credential` selector names the exchange that holds it: an exchange's grants are issued
+    /// and withdrawn together (DESIGN step 6), as [`Tx::activate`] judges them.
+    subject: KillSubject,
+    /// False when the stored claims do not decode.
+    claims_readable: bool,
+    credentials: Vec<(Uuid, CredentialState)>,
+}
+
+impl LiveExchange {
+    fn matched_by(&self, rule: &KillRule) -> bool {
+        if self.claims_readable || rule.selector.claims.is_empty() {
+            return rule.selector.matches(&self.subject);
+        }
+        // Claims that cannot be read cannot clear an identity: judged on every other field, so
+        // that a damaged row errs towards revocation instead of blocking the kill.
+        tracing::warn!(exchange_id = %self.id, kill_id = %rule.id, "ledger.kill.unreadable_claims");
+        let mut without_claims = rule.selector.clone();
+        without_claims.claims.clear();
+        without_claims.matches(&self.subject)
+    }
+}

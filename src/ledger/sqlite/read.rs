@@ -1,0 +1,164 @@
+//! Reads: a small pool of connections of their own, used from blocking tasks.
+//!
+//! WAL lets readers run beside the writer: a read sees the last committed state and never waits
+//! for (or holds up) a batch being written.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::Semaphore;
+
+use super::codec::{
+    Cols, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns, exchange_from_row,
+    query_all, query_opt, signing_key_from_row, ts,
+};
+use super::ops::rules_in_force;
+use crate::audit::StoredEvent;
+use crate::ledger::{CredentialRow, ExchangeRow, KillState, LedgerError, StoredKey};
+
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Read connections. `permits` bounds how many reads run at once to the number of connections,
+/// so a read always finds one (or opens a replacement if one was lost to a panic).
+#[derive(Debug)]
+pub(super) struct ReadPool {
+    path: PathBuf,
+    conns: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReadPool {
+    pub(super) fn open(path: PathBuf, size: usize) -> Result<Arc<ReadPool>, LedgerError> {
+        let conns = (0..size).map(|_| open_reader(&path)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(ReadPool { path, conns: Mutex::new(conns), permits: Arc::new(Semaphore::new(size)) }))
+    }
+
+    /// Runs `f` on a read connection in a blocking task.
+    pub(super) async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| LedgerError::Unavailable("the ledger is closed".into()))?;
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let conn = match pool.conns.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                Some(c) => c,
+                None => open_reader(&pool.path)?,
+            };
+            let out = f(&conn);
+            pool.conns.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            out
+        })
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("ledger read failed: {e}")))?
+    }
+}
+
+fn open_reader(path: &PathBuf) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(db_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    // A read connection must never write, whatever a bug asks of it.
+    conn.pragma_update(None, "query_only", true).map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+pub(super) fn exchange(conn: &Connection, id: &str) -> Result<Option<ExchangeRow>, LedgerError> {
+    query_opt(conn, concat!("SELECT ", exchange_columns!(), " FROM exchanges WHERE id = ?1"), [id], exchange_from_row)
+}
+
+pub(super) fn credential(conn: &Connection, id: &str) -> Result<Option<CredentialRow>, LedgerError> {
+    query_opt(
+        conn,
+        concat!("SELECT ", credential_columns!(), " FROM credentials WHERE id = ?1"),
+        [id],
+        credential_from_row,
+    )
+}
+
+pub(super) fn credentials_of_exchange(conn: &Connection, exchange_id: &str) -> Result<Vec<CredentialRow>, LedgerError> {
+    query_all(
+        conn,
+        concat!("SELECT ", credential_columns!(), " FROM credentials WHERE exchange_id = ?1 ORDER BY created_at, id"),
+        [exchange_id],
+        credential_from_row,
+    )
+}
+
+pub(super) fn pending_credentials(conn: &Connection, before: DateTime<Utc>) -> Result<Vec<CredentialRow>, LedgerError> {
+    query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            credential_columns!(),
+            " FROM credentials WHERE state = 'pending' AND created_at < ?1 ORDER BY created_at, id"
+        ),
+        [ts(before)],
+        credential_from_row,
+    )
+}
+
+pub(super) fn jti_spent(conn: &Connection, issuer: &str, jti: &str, capability: &str) -> Result<bool, LedgerError> {
+    Ok(query_opt(
+        conn,
+        "SELECT 1 FROM spent_jti WHERE issuer = ?1 AND jti = ?2 AND capability = ?3",
+        params![issuer, jti, capability],
+        |_| Ok(()),
+    )?
+    .is_some())
+}
+
+/// The epoch and the rules from one snapshot: a cache must never hold a new epoch with old
+/// rules, or an activation would trust a check that missed a rule.
+pub(super) fn kill_state(conn: &Connection, now: DateTime<Utc>) -> Result<KillState, LedgerError> {
+    let tx = conn.unchecked_transaction().map_err(db_err)?;
+    let epoch = query_opt(&tx, "SELECT epoch FROM kill_epoch WHERE id = 1", [], |r| {
+        Cols::new(r, "kill_epoch").int(0, "epoch")
+    })?
+    .ok_or_else(|| LedgerError::Corrupt("kill_epoch: the row is missing".into()))?;
+    let rules = rules_in_force(&tx, now)?;
+    tx.finish().map_err(db_err)?;
+    Ok(KillState { epoch, rules })
+}
+
+pub(super) fn job_queue_depth(conn: &Connection) -> Result<u64, LedgerError> {
+    let n = query_opt(conn, "SELECT COUNT(*) FROM jobs WHERE done_at IS NULL", [], |r| {
+        Cols::new(r, "jobs").int(0, "count")
+    })?
+    .unwrap_or(0);
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+pub(super) fn events(conn: &Connection, after: i64, limit: i64) -> Result<Vec<StoredEvent>, LedgerError> {
+    query_all(
+        conn,
+        "SELECT seq, prev_hash, hash, body FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        params![after, limit],
+        event_from_row,
+    )
+}
+
+pub(super) fn signing_keys(conn: &Connection) -> Result<Vec<StoredKey>, LedgerError> {
+    query_all(
+        conn,
+        "SELECT id, algorithm, sealed_private, public_jwk, created_at FROM signing_keys ORDER BY created_at, id",
+        [],
+        signing_key_from_row,
+    )
+}
+
+pub(super) fn ping(conn: &Connection) -> Result<(), LedgerError> {
+    query_opt(conn, "SELECT 1", [], |_| Ok(()))?;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! The writer thread: the only connection that writes, and group commit.
+//!
+//! Callers send [`Command`]s over a bounded channel. The writer takes every command already
+//! queued (up to [`MAX_BATCH`]) and runs them in ONE `BEGIN IMMEDIATE … COMMIT`, so one fsync
+//! makes a whole batch durable. Each command runs in its own savepoint: a command that fails (or
+//! answers "nothing changed", like a killed activation) rolls back alone and the rest of the
+//! batch commits.
+//!
+//! Invariants:
+//! * a reply leaves only after the COMMIT that made it durable succeeded; if COMMIT fails, every
+//!   command of the batch gets the error and nothing of it is kept;
+//! * the in-memory chain head always equals the last committed-or-pending audit row: it is saved
+//!   before each savepoint and restored when the savepoint rolls back, and saved at BEGIN and
+//!   restored when the whole transaction is lost, so the chain never forks and has no gaps.
+
+use std::fs::File;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{copy_err, db_err};
+use super::ops::{Op, Reply, Tx};
+use crate::ledger::LedgerError;
+
+/// The most commands one transaction takes. Large enough that a burst shares one fsync, small
+/// enough that the first command of a batch does not wait long for the last.
+pub(super) const MAX_BATCH: usize = 256;
+
+pub(super) type ReplyTx = oneshot::Sender<Result<Reply, LedgerError>>;
+
+pub(super) struct Command {
+    pub(super) op: Op,
+    pub(super) reply: ReplyTx,
+}
+
+/// The last event of the chain: its sequence number (0 before the first) and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ChainHead {
+    pub(super) seq: i64,
+    pub(super) hash: [u8; 32],
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    head: ChainHead,
+    /// The exclusive lock on the database's sidecar lock file. Declared after `conn` so that it
+    /// is released only once the connection is closed.
+    _lock: File,
+}
+
+impl Writer {
+    pub(super) fn new(conn: Connection, head: ChainHead, lock: File) -> Self {
+        Writer { conn, head, _lock: lock }
+    }
+
+    /// Starts the writer thread. It runs until every sender is dropped.
+    pub(super) fn spawn(self, rx: mpsc::Receiver<Command>) -> Result<JoinHandle<()>, LedgerError> {
+        std::thread::Builder::new()
+            .name("latchkey-ledger-writer".into())
+            .spawn(move || self.run(rx))
+            .map_err(|e| LedgerError::Unavailable(format!("cannot start the ledger writer: {e}")))
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut answers = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            // Whatever queued up while the previous batch was being committed goes in this one:
+            // that is the group commit.
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(&mut batch, &mut answers);
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn head_for_tests(&self) -> ChainHead {
+        self.head
+    }
+
+    #[cfg(test)]
+    pub(super) fn conn_for_tests(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn control(&self, sql: &str) -> Result<(), LedgerError> {
+        self.conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
+    }
+
+    pub(super) fn run_batch(
+        &mut self,
+        batch: &mut Vec<Command>,
+        answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
+    ) {
+        let mut start = self.head;
+        if let Err(e) = self.control("BEGIN IMMEDIATE") {
+            for cmd in batch.drain(..) {
+                let _ = cmd.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        let mut commands = batch.drain(..);
+        while let Some(cmd) = commands.next() {
+            let before = self.head;
+            let result = self.control("SAVEPOINT command").and_then(|()| {
+                let mut tx = Tx { conn: &self.conn, head: &mut self.head };
+                // A panic in one command (a bug, never expected) must not take the writer, and
+                // with it the whole ledger, down: it fails that command alone.
+                catch_unwind(AssertUnwindSafe(|| tx.apply(cmd.op)))
+                    .unwrap_or_else(|_| Err(LedgerError::Unavailable("internal error in the ledger writer".into())))
+            });
+            let keep = matches!(&result, Ok(applied) if applied.keep);
+            let closed = if keep {
+                self.control("RELEASE command")
+            } else {
+                self.head = before;
+                self.control("ROLLBACK TO command").and_then(|()| self.control("RELEASE command"))
+            };
+            answers.push((cmd.reply, result.map(|a| a.reply)));
+
+            // Some errors (I/O, disk full) make SQLite roll the whole transaction back by itself.
+            // Everything this batch did so far is then gone: its commands are answered with the
+            // error and the rest of the batch starts a new transaction.
+            if closed.is_err() || self.conn.is_autocommit() {
+                let why = match closed {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the transaction was rolled back by the store".to_owned(),
+                };
+                if !self.conn.is_autocommit() {
+                    let _ = self.control("ROLLBACK");
+                }
+                self.head = start;
+                for (reply, result) in answers.drain(..) {
+                    let result = match result {
+                        Ok(_) => Err(LedgerError::Unavailable(why.clone())),
+                        err => err,
+                    };
+                    let _ = reply.send(result);
+                }
+                if let Err(e) = self.control("BEGIN IMMEDIATE") {
+                    for cmd in commands.by_ref() {
+                        let _ = cmd.reply.send(Err(copy_err(&e)));
+                    }
+                    return;
+                }
+                start = self.head;
+            }
+        }
+        drop(commands);
+
+        match self.control("COMMIT") {
+            Ok(()) => {
+                for (reply, result) in answers.drain(..) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, commands = answers.len(), "ledger.commit_failed");
+                if !self.conn.is_autocommit() {
+                    let _ = self.control("ROLLBACK");
+                }
+                self.head = start;
+                for (reply, _) in answers.drain(..) {
+                    let _ = reply.send(Err(copy_err(&e)));
+                }
+            }
+        }
+    }
+}
