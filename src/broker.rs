@@ -143,15 +143,19 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         return Err(refuse(app, row, err, format!("kill rule {}", rule.id)).await);
     }
 
-    // Step 5: record intent, durably, before any backend is called.
+    // Step 5: record intent, durably, before any backend is called. Grants whose backends keep
+    // no state outside latchkey (jwt) need none: steps 5 to 7 then commit as one transaction.
+    let local = grants.iter().all(|g| app.backends.get(&g.spec.backend()).is_some_and(|b| b.is_local()));
     let pending: Vec<CredentialRow> = grants.iter().map(|g| row.pending_credential(g, now)).collect();
     let expires_at = pending.iter().map(|c| c.expires_at).max().unwrap_or(now + to_chrono(ttl));
     let (release_token, release_hash) = new_release_token();
     row.state = ExchangeState::Pending;
     row.release_token_sha256 = Some(release_hash);
     row.expires_at = Some(expires_at);
-    let event = exchange_event("exchange.started", &row, now);
-    app.ledger.record_intent(&row, &pending, event).await.map_err(|e| unavailable(&e))?;
+    if !local {
+        let event = exchange_event("exchange.started", &row, now);
+        app.ledger.record_intent(&row, &pending, event).await.map_err(|e| unavailable(&e))?;
+    }
 
     // Step 6: mint each grant in policy order (aws last); record each handle as it arrives.
     let mut minted: Vec<(&CredentialRow, Minted)> = Vec::with_capacity(grants.len());
@@ -174,9 +178,13 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         let m = match result {
             Ok(m) => m,
             Err(reason) => {
-                return Err(abort(app, &row, minted, ExchangeState::Failed, failed(&grant.name, &reason)).await);
+                return Err(abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &reason)).await);
             }
         };
+        if local {
+            minted.push((credential, m));
+            continue;
+        }
         let handle = Handle {
             sealed: m.handle.as_ref().map(|h| app.sealer.seal(credential.id.as_bytes(), h.expose_secret())),
             fingerprint: m.fingerprint.clone(),
@@ -185,7 +193,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         let recorded = app.ledger.record_handle(credential.id, &handle).await;
         minted.push((credential, m));
         if let Err(e) = recorded {
-            return Err(abort(app, &row, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await);
+            return Err(abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await);
         }
     }
 
@@ -214,7 +222,16 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     subject.credentials = pending.iter().map(|c| c.id).collect();
     let activation =
         Activate { exchange_id: row.id, now, seen_kill_epoch: kills.state.epoch, subject, jti: spent_jti, jobs, event };
-    match app.ledger.activate(activation).await {
+    let activated = if local {
+        let issued: Vec<CredentialRow> = minted
+            .iter()
+            .map(|(c, m)| CredentialRow { fingerprint: Some(m.fingerprint.clone()), expires_at: m.expires_at, ..(*c).clone() })
+            .collect();
+        app.ledger.issue_local(&row, &issued, activation).await
+    } else {
+        app.ledger.activate(activation).await
+    };
+    match activated {
         Ok(Activation::Activated) => {}
         Ok(Activation::Killed { rule_id }) => {
             let reason = match rule_id {
@@ -222,14 +239,14 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
                 None => "a kill rule marked the credentials during the exchange".into(),
             };
             let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
-            return Err(abort(app, &row, minted, ExchangeState::Denied, (err, reason)).await);
+            return Err(abort(app, &row, local, minted, ExchangeState::Denied, (err, reason)).await);
         }
         Ok(Activation::Replay) => {
             let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
-            return Err(abort(app, &row, minted, ExchangeState::Denied, (err, "replayed jti".into())).await);
+            return Err(abort(app, &row, local, minted, ExchangeState::Denied, (err, "replayed jti".into())).await);
         }
         Err(e) => {
-            return Err(abort(app, &row, minted, ExchangeState::Failed, (unavailable(&e), e.to_string())).await);
+            return Err(abort(app, &row, local, minted, ExchangeState::Failed, (unavailable(&e), e.to_string())).await);
         }
     }
     app.metrics.exchanges.get_or_create(&labels(&req.capability, "allowed")).inc();
@@ -286,6 +303,7 @@ async fn refuse(app: &App, mut row: ExchangeRow, err: ExchangeError, reason: Str
 async fn abort(
     app: &App,
     row: &ExchangeRow,
+    local: bool,
     minted: Vec<(&CredentialRow, Minted)>,
     state: ExchangeState,
     (err, reason): (ExchangeError, String),
@@ -310,8 +328,15 @@ async fn abort(
         "unrevoked": unrevoked,
         "trace": row.trace,
     }));
-    let abort = Abort { exchange_id: row.id, state, error: err.code().into(), reason, unrevoked, event };
-    if let Err(e) = app.ledger.abort(abort).await {
+    let recorded = if local {
+        // Nothing of this exchange is on record yet: record it as refused, like an early refusal.
+        let mut row = row.clone();
+        (row.state, row.error, row.reason) = (state, Some(err.code().into()), Some(reason));
+        app.ledger.record_refusal(&row, event).await
+    } else {
+        app.ledger.abort(Abort { exchange_id: row.id, state, error: err.code().into(), reason, unrevoked, event }).await
+    };
+    if let Err(e) = recorded {
         tracing::error!(exchange_id = %row.id, error = %e, "could not record an aborted exchange; the reconciler will find it");
     }
     let decision = if state == ExchangeState::Denied { "denied" } else { "failed" };

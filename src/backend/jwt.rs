@@ -171,6 +171,12 @@ impl Backend for JwtBackend {
         BackendKind::Jwt
     }
 
+    /// A latchkey JWT is made in memory; it is usable only once it is handed out, and
+    /// introspection reports it active only once its credential row is.
+    fn is_local(&self) -> bool {
+        true
+    }
+
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, BackendError> {
         let GrantSpec::Jwt(grant) = &req.grant.spec else {
             return Err(BackendError::Refused { backend: BackendKind::Jwt, message: "not a jwt grant".into() });

@@ -72,6 +72,13 @@ pub struct Minted {
 pub trait Backend: Send + Sync + fmt::Debug {
     fn kind(&self) -> BackendKind;
 
+    /// True when minting calls nothing outside latchkey and leaves no state anywhere but in the
+    /// credential handed back (the `jwt` backend). Such grants need no intent record before
+    /// minting: see [`crate::ledger::Ledger::issue_local`].
+    fn is_local(&self) -> bool {
+        false
+    }
+
     async fn mint(&self, request: MintRequest<'_>) -> Result<Minted, BackendError>;
 
     /// Revokes one credential; `handle` is the unsealed handle recorded at mint. Already revoked

@@ -294,6 +294,19 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// unless the answer is [`Activation::Activated`].
     async fn activate(&self, activate: Activate) -> Result<Activation, LedgerError>;
 
+    /// Steps 5 to 7 in one transaction, for an exchange whose every grant comes from a backend
+    /// that keeps no state outside latchkey ([`crate::backend::Backend::is_local`]): until the
+    /// answer leaves this process, which only happens after this commit, nothing it minted exists
+    /// anywhere else, so a separate intent record would protect nothing. `credentials` carry
+    /// their fingerprints and expiry. Nothing at all is written unless the answer is
+    /// [`Activation::Activated`].
+    async fn issue_local(
+        &self,
+        exchange: &ExchangeRow,
+        credentials: &[CredentialRow],
+        activate: Activate,
+    ) -> Result<Activation, LedgerError>;
+
     /// Ends an exchange that could not complete: its credentials become `failed` (except
     /// `unrevoked`, left `pending` for the reconciler) and the exchange `failed` or `denied`.
     async fn abort(&self, abort: Abort) -> Result<(), LedgerError>;

@@ -126,41 +126,69 @@ async fn handles_are_sealed_at_rest() {
     }
 }
 
-#[tokio::test]
-async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
-    let t = TestApp::builder().no_background().start().await;
-    let claims = json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" });
-    assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK);
-
-    // The kill is committed to the store, but this replica's in-memory rules are stale: the
-    // exchange passes step 3 and must be stopped by the activation transaction.
-    let rule = KillRule {
+fn kill_agent(t: &TestApp, agent: &str) -> KillRule {
+    KillRule {
         id: uuid::Uuid::now_v7(),
-        selector: Selector { agent: Some("pr-reviewer".into()), ..Default::default() },
+        selector: Selector { agent: Some(agent.into()), ..Default::default() },
         reason: "test".into(),
         created_at: t.clock.now(),
         created_by: "admin-key:test".into(),
         expires_at: None,
         lifted_at: None,
-    };
+    }
+}
+
+/// The kill is committed to the store, but this replica's in-memory rules are stale: the
+/// exchange passes step 3, mints, and must be stopped by the activation transaction (step 7).
+#[tokio::test]
+async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let t = TestApp::builder()
+        .no_background()
+        .policy("deploy.toml", TWO_GRANTS)
+        .config(BACKENDS)
+        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
+        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: false, revoked: revoked.clone() }))
+        .start()
+        .await;
+    assert_eq!(t.exchange(&t.token(json!({})), "deploy").await.status, StatusCode::OK);
+
+    let rule = kill_agent(&t, "deployer");
     let event = latchkey::audit::AuditEvent::new("kill.created", t.clock.now());
     let effect = t.app.ledger.create_kill(&rule, event).await.unwrap();
-    assert_eq!(effect.jobs.len(), 1, "the active credential gets a revocation job");
+    assert_eq!(effect.jobs.len(), 2, "each active credential gets a revocation job");
 
-    let a = t.exchange(&t.token(claims.clone()), "pr-review").await;
+    let a = t.exchange(&t.token(json!({})), "deploy").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
     assert_eq!(a.body["error"], "access_denied");
-    let states = t.credential_states();
-    assert!(states.contains(&("failed".to_string(), 1)), "{states:?}");
+    assert_eq!(revoked.load(Ordering::SeqCst), 2, "both minted credentials were revoked");
+    assert_eq!(t.credential_states(), [("active".to_string(), 2), ("failed".to_string(), 2)]);
     let denied = t.events("exchange.denied").await;
     assert!(denied.last().unwrap()["reason"].as_str().unwrap().contains(&rule.id.to_string()));
 
     // Once the rules are refreshed, the kill stops the exchange before anything is written.
     latchkey::worker::refresh_kills(&t.app).await.unwrap();
-    let before = t.credential_count();
-    let a = t.exchange(&t.token(claims), "pr-review").await;
+    let a = t.exchange(&t.token(json!({})), "deploy").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
-    assert_eq!(t.credential_count(), before);
+    assert_eq!(revoked.load(Ordering::SeqCst), 2, "nothing was minted");
+    assert_eq!(t.credential_count(), 4);
+}
+
+/// The same race for jwt grants, which are issued in one transaction: nothing is written.
+#[tokio::test]
+async fn a_kill_that_lands_during_a_local_exchange_leaves_nothing_active() {
+    let t = TestApp::builder().no_background().start().await;
+    let claims = json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" });
+    assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK);
+    let rule = kill_agent(&t, "pr-reviewer");
+    let event = latchkey::audit::AuditEvent::new("kill.created", t.clock.now());
+    t.app.ledger.create_kill(&rule, event).await.unwrap();
+
+    let a = t.exchange(&t.token(claims), "pr-review").await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_eq!(t.credential_states(), [("active".to_string(), 1)], "only the credential from before the kill");
+    let denied = t.events("exchange.denied").await;
+    assert!(denied.last().unwrap()["reason"].as_str().unwrap().contains(&rule.id.to_string()));
 }
 
 #[tokio::test]

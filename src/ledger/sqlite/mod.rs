@@ -218,6 +218,23 @@ impl Ledger for SqliteLedger {
         }
     }
 
+    async fn issue_local(
+        &self,
+        exchange: &ExchangeRow,
+        credentials: &[CredentialRow],
+        activate: Activate,
+    ) -> Result<Activation, LedgerError> {
+        let op = Op::IssueLocal {
+            exchange: ExchangeParams::new(exchange),
+            credentials: credentials.iter().map(CredentialParams::new).collect(),
+            activate: Box::new(Op::activate(activate)),
+        };
+        match self.write(op).await? {
+            Reply::Activation(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn abort(&self, abort: Abort) -> Result<(), LedgerError> {
         self.write(Op::abort(abort)).await.map(drop)
     }

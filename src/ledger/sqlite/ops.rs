@@ -170,6 +170,12 @@ pub(super) enum Op {
         credentials: Vec<CredentialParams>,
         event: EventParams,
     },
+    /// Intent and activation in one command; `activate` is an [`Op::Activate`].
+    IssueLocal {
+        exchange: ExchangeParams,
+        credentials: Vec<CredentialParams>,
+        activate: Box<Op>,
+    },
     Handle {
         credential_id: String,
         sealed: Option<Vec<u8>>,
@@ -346,7 +352,20 @@ impl Tx<'_> {
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Intent { exchange, credentials, event } => self.intent(&exchange, &credentials, &event),
+            Op::Intent { exchange, credentials, event } => {
+                self.insert_intent(&exchange, &credentials)?;
+                self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::IssueLocal { exchange, credentials, activate } => {
+                // One savepoint holds both: when activation refuses (killed, replayed), its undo
+                // takes the intent rows with it and nothing is written.
+                self.insert_intent(&exchange, &credentials)?;
+                match *activate {
+                    op @ Op::Activate { .. } => self.apply(op),
+                    _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+                }
+            }
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 // Only a pending row takes a handle: an active row's handle is what revocation
                 // relies on, and a finished row has nothing left to revoke. A row a kill marked
@@ -441,12 +460,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn intent(
-        &mut self,
-        exchange: &ExchangeParams,
-        credentials: &[CredentialParams],
-        event: &EventParams,
-    ) -> Result<Applied, LedgerError> {
+    fn insert_intent(&mut self, exchange: &ExchangeParams, credentials: &[CredentialParams]) -> Result<(), LedgerError> {
         // Intent is recorded before any backend is called: everything starts pending, so that a
         // crash leaves rows the reconciler recognizes.
         if exchange.state != ExchangeState::Pending {
@@ -484,8 +498,7 @@ impl Tx<'_> {
                 ],
             )?;
         }
-        self.append(event)?;
-        Ok(Applied::keep(Reply::Done))
+        Ok(())
     }
 
     /// DESIGN step 7. In SQLite every write runs on the one writer connection inside `BEGIN
