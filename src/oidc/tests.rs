@@ -1072,3 +1072,55 @@ fn every_error_has_a_distinct_code() {
     assert_eq!(codes.len(), errors.len());
     assert!(codes.iter().all(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')));
 }
+
+/// A key source whose keys the test swaps, that counts fetches and answers slowly.
+#[derive(Debug, Default)]
+struct CountingSource {
+    keys: Mutex<JwkSet>,
+    fetches: AtomicUsize,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl KeySource for CountingSource {
+    async fn fetch(&self) -> Result<JwkSet, OidcError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        Ok(self.keys.lock().unwrap().clone())
+    }
+}
+
+fn jwk_set(keys: &[&TestKey]) -> JwkSet {
+    JwkSet::from_json(json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string().as_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tokens_under_a_new_key_share_one_refresh() {
+    let k = keys();
+    let url = "http://127.0.0.1:1";
+    let source = Arc::new(CountingSource { delay: Duration::from_millis(200), ..Default::default() });
+    *source.keys.lock().unwrap() = jwk_set(&[&k.rsa1]);
+    let v = verifier(&[issuer_config("dev", url)], &clock()).with_key_source("dev", source.clone());
+    v.refresh_all().await;
+    *source.keys.lock().unwrap() = jwk_set(&[&k.rsa1, &k.ec1]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (v, token) = (v.clone(), k.ec1.sign(&claims(url)));
+        tasks.spawn(async move { v.verify(&token).await.map(|_| ()) });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap().unwrap();
+    }
+    // Warm-up plus a single refresh that every waiting token used.
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn periodic_refresh_keeps_fetching() {
+    let source = Arc::new(CountingSource::default());
+    let v = verifier(&[issuer_config("dev", "http://127.0.0.1:1")], &clock()).with_key_source("dev", source.clone());
+    let task = v.spawn_periodic_refresh(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    task.abort();
+    assert!(source.fetches.load(Ordering::SeqCst) >= 3);
+}

@@ -96,8 +96,10 @@ impl Issuer {
     }
 
     /// Refreshes after a key miss, unless a refresh finished since the miss was observed
-    /// (`seen` generation) or one was attempted within the last 30 s. However many tokens with
-    /// unknown `kid`s arrive, this fetches at most once per window.
+    /// (`seen` generation) or another miss started one within the last 30 s (window measured on
+    /// the `Clock`). However many tokens with unknown `kid`s arrive, concurrently or not, they
+    /// cause at most one fetch per window: tokens decide whether a miss happens, so they must
+    /// not decide how often the issuer is called.
     async fn refresh_after_miss(&self, seen: u64, clock: &dyn Clock) {
         let _flight = self.refresh_lock.lock().await;
         if self.generation.load(Ordering::Acquire) != seen {
@@ -361,7 +363,7 @@ fn check_claims(issuer: &Issuer, payload: Map<String, Value>, now: i64) -> Resul
     // Checked before any policy; a claim that is absent, an array or an object never matches.
     for (name, allowed) in &config.required_claims {
         let text = payload.get(name).and_then(claim_text);
-        if !text.is_some_and(|text| allowed.iter().any(|a| *a == text)) {
+        if !text.is_some_and(|text| allowed.contains(&text)) {
             return Err(OidcError::RequiredClaim(name.clone()));
         }
     }
