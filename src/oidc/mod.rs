@@ -1,55 +1,40 @@
 //! Subject-token verification (DESIGN step 2): configured issuers only, keys only from their
 //! discovery document and JWKS, an algorithm allow-list, audience, lifetime and required claims.
+//!
+//! The order of checks is part of the contract:
+//! 1. size and shape of the token, then the header: `crit` and key-bearing headers (`jku`,
+//!    `x5u`, `jwk`, `x5c`) are refused, and so is any algorithm that is not asymmetric;
+//! 2. `iss` routes to exactly one configured issuer (exact string comparison), whose
+//!    `algorithms` must list the header's `alg`;
+//! 3. the signature is checked with that issuer's cached keys (an unknown `kid` may refresh them,
+//!    at most once per issuer per 30 s);
+//! 4. only then are the claims looked at: `aud`, `exp`, `nbf`, `iat`, the maximum age, `jti` for
+//!    single-use issuers, and the issuer's `required_claims`.
+//!
+//! Spending the `jti` is the ledger's job, once the exchange succeeds.
 
 mod claims;
+mod discovery;
+mod error;
+mod jwks;
+mod token;
+mod verify;
+
+#[cfg(test)]
+mod tests;
 
 pub use claims::{Claims, UnverifiedClaims, VerifiedClaims};
-// TEMP STUB
-#[derive(Debug)]
-pub struct Verifier;
-#[derive(Debug, thiserror::Error)]
-#[error("x")]
-pub struct OidcError;
-impl OidcError {
-    pub fn code(&self) -> &'static str {
-        "x"
-    }
-}
-pub struct IssuerHealth {
-    pub id: String,
-    pub keys: usize,
-    pub last_refresh_ok: Option<chrono::DateTime<chrono::Utc>>,
-    pub last_error: Option<String>,
-    pub refreshes: u64,
-    pub refresh_failures: u64,
-}
-#[derive(Debug)]
-pub struct StaticKeySource;
-impl StaticKeySource {
-    pub fn from_json(_: &serde_json::Value) -> Result<Self, OidcError> {
-        Ok(Self)
-    }
-}
-impl Verifier {
-    pub fn new(
-        _: &[crate::config::IssuerConfig],
-        _: &str,
-        _: std::time::Duration,
-        _: std::sync::Arc<dyn crate::app::Clock>,
-    ) -> Result<Self, OidcError> {
-        Ok(Self)
-    }
-    pub fn with_key_source(self, _: &str, _: std::sync::Arc<StaticKeySource>) -> Self {
-        self
-    }
-    pub async fn verify(&self, _: &str) -> Result<VerifiedClaims, OidcError> {
-        Err(OidcError)
-    }
-    pub fn issuer(&self, _: &str) -> Option<&crate::config::IssuerConfig> {
-        None
-    }
-    pub async fn refresh_all(&self) {}
-    pub fn health(&self) -> Vec<IssuerHealth> {
-        vec![]
-    }
-}
+pub use discovery::{HttpKeySource, KeySource, MAX_DISCOVERY_BYTES, MAX_JWKS_BYTES, StaticKeySource, http_client};
+pub use error::OidcError;
+pub use jwks::{Alg, Jwk, JwkSet};
+pub use token::peek_issuer;
+pub use verify::{IssuerHealth, Verifier};
+
+/// Largest subject token accepted (DESIGN step 1), checked before anything is decoded.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECS: i64 = 60;
+/// An unknown `kid` refreshes an issuer's keys at most this often.
+pub const MIN_REFRESH_INTERVAL_SECS: i64 = 30;
+/// Longest `jti` accepted: it becomes a key in the ledger.
+pub const MAX_JTI_CHARS: usize = 255;
