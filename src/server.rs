@@ -82,7 +82,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
             .context("configuring issuers")?;
     if let Some(dev) = &options.dev_issuer {
         let id = config.issuers.iter().find(|i| i.url == dev.url()).map(|i| i.id.clone()).unwrap_or_default();
-        verifier = verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(&dev.jwks())?));
+        verifier = verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(dev.jwks().to_string().as_bytes())?));
     }
     let now = clock.now();
     let jwt = Arc::new(JwtBackend::load_or_create(&*ledger, &sealer, config.public_url(), now).await?);
@@ -210,6 +210,8 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     }
     if background {
         crate::worker::spawn_all(&app);
+        // Keys an issuer publishes ahead of a rotation are picked up before its first token.
+        app.verifier.spawn_periodic_refresh(Duration::from_secs(300));
     }
     Ok(Running { addr, admin_addr, tls, handle, admin_handle, tasks })
 }
