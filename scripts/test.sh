@@ -21,7 +21,7 @@ PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to an
 PEERS=(oidc)
 
 usage() {
-  sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 FILTER=()
@@ -91,7 +91,7 @@ print_peer_logs() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Helpers for peers
+# Building blocks for peers
 
 # A TCP port on 127.0.0.1 that was free a moment ago, for peers that cannot pick their own.
 free_port() {

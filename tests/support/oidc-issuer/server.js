@@ -80,11 +80,11 @@ function parseObject(text, field) {
   return value;
 }
 
-// Merges `overrides` into `target`; a null value removes the key.
+// Merges `overrides` into `target`; a null value removes the key. It becomes undefined rather
+// than deleted: JSON leaves it out, and it still overrides the library's defaults (header `typ`).
 function merge(target, overrides) {
   for (const [name, value] of Object.entries(overrides)) {
-    if (value === null) delete target[name];
-    else target[name] = value;
+    target[name] = value === null ? undefined : value;
   }
 }
 
@@ -93,7 +93,7 @@ function checkAlg(alg) {
   return alg;
 }
 
-// The library signs with its keys in turn; this issuer signs with one chosen key, the newest.
+// The library would sign with each of its keys in turn; this issuer signs with the newest only.
 class RotatingIssuer extends OAuth2Issuer {
   signingKid = undefined;
   published = new Set();
@@ -170,7 +170,7 @@ async function startIssuer(port, alg) {
     const path = new URL(req.url, `http://${HOST}`).pathname;
     try {
       if (req.method === 'GET' && path === '/jwks') return sendJson(res, 200, issuer.jwks());
-      if (req.method === 'POST' && path in control) return sendJson(res, 200, await control[path](await readParams(req)));
+      if (req.method === 'POST' && Object.hasOwn(control, path)) return sendJson(res, 200, await control[path](await readParams(req)));
     } catch (err) {
       if (!(err instanceof AssertionError)) console.error(err);
       return sendJson(res, 400, { error: 'invalid_request', error_description: err.message });
