@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# latchkey's one test command: formatting, lints, and every test, against real peers.
+#
+#   scripts/test.sh                  everything
+#   scripts/test.sh -- FILTER...     the same checks; FILTER... goes to `cargo nextest run`
+#                                    (or `cargo test`), e.g. `-- peer_smoke`
+#
+# Peers are independent implementations of what latchkey talks to (see docs/TESTING.md). Each is
+# installed into .cache/ when missing, started on a free 127.0.0.1 port, announced to the tests
+# through a LATCHKEY_TEST_* variable, and stopped when this script exits, however it exits.
+# With LATCHKEY_REQUIRE_PEERS=1 (CI) a peer that cannot be installed or started fails the run;
+# otherwise its tests skip and say so.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE="$ROOT/.cache"
+REQUIRE_PEERS=${LATCHKEY_REQUIRE_PEERS:-0}
+PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to answer
+
+# The peers this script runs, in order. Each NAME has peer_NAME_install and peer_NAME_start.
+PEERS=(oidc)
+
+usage() {
+  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+}
+
+FILTER=()
+while (($#)); do
+  case $1 in
+    --) shift; FILTER=("$@"); break ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "test.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+cd "$ROOT"
+RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/latchkey-test.XXXXXX") # peer logs of this run
+PEER_PIDS=()
+PEER_LOGS=()
+CURRENT_STEP=""
+STEP_START=0
+
+log() { printf '%s\n' "test.sh: $*" >&2; }
+
+# Runs one named step and prints how long it took. A failing step ends the script (set -e);
+# cleanup then names it.
+step() {
+  CURRENT_STEP=$1 STEP_START=$SECONDS
+  shift
+  printf '\n==> %s\n' "$CURRENT_STEP" >&2
+  "$@"
+  printf '<== %s: ok (%ss)\n' "$CURRENT_STEP" $((SECONDS - STEP_START)) >&2
+  CURRENT_STEP=""
+}
+
+# Stops the peers (SIGTERM, then SIGKILL after 5 s) and, if the run failed, shows their logs.
+cleanup() {
+  local rc=$?
+  local pid i
+  for pid in "${PEER_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PEER_PIDS[@]}"; do
+    for i in {1..50}; do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if ((rc != 0)); then
+    print_peer_logs
+    if [[ -n $CURRENT_STEP ]]; then
+      printf '<== %s: FAILED (exit %s, %ss)\n' "$CURRENT_STEP" "$rc" $((SECONDS - STEP_START)) >&2
+    fi
+    log "FAILED (exit $rc)"
+  fi
+  rm -rf "$RUN_DIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+print_peer_logs() {
+  local file
+  for file in "${PEER_LOGS[@]}"; do
+    printf '\n----- %s -----\n' "$(basename "$file")" >&2
+    tail -n 200 "$file" >&2 || true
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks for peers
+
+# A TCP port on 127.0.0.1 that was free a moment ago, for peers that cannot pick their own.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Whether URL answers 2xx within 5 s (node is there for the npm peers; curl may not be).
+http_ok() {
+  node -e 'fetch(process.argv[1], { signal: AbortSignal.timeout(5000) })
+    .then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))' "$1"
+}
+
+# start_background NAME COMMAND...: runs COMMAND with its output in NAME.log; stopped at exit.
+start_background() {
+  local name=$1
+  shift
+  local logfile="$RUN_DIR/$name.log"
+  PEER_LOGS+=("$logfile")
+  "$@" >"$logfile" 2>&1 </dev/null &
+  PEER_PIDS+=($!)
+}
+
+# wait_until NAME COMMAND...: retries COMMAND until it succeeds, for at most
+# PEER_START_TIMEOUT seconds, and gives up early if the peer's process has died.
+wait_until() {
+  local name=$1 pid=${PEER_PIDS[-1]} deadline=$((SECONDS + PEER_START_TIMEOUT))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name exited before it answered"
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      log "$name did not answer within ${PEER_START_TIMEOUT}s"
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# need_node MAJOR MINOR: whether node is installed and at least MAJOR.MINOR.
+need_node() {
+  command -v node >/dev/null || { log "node is not installed"; return 1; }
+  node -e '
+    const [want, have] = [process.argv.slice(1, 3), process.versions.node.split(".")].map((v) => v.map(Number));
+    if (have[0] < want[0] || (have[0] === want[0] && have[1] < want[1])) {
+      console.error(`test.sh: node ${process.version} is too old: ${want.join(".")} or newer is needed`);
+      process.exit(1);
+    }' "$1" "$2"
+}
+
+# Installs the npm project in tests/support/DIR into .cache/DIR, unless the same lockfile was
+# installed completely before: a re-run needs no network.
+npm_install_peer() {
+  local dir=$1
+  local src="$ROOT/tests/support/$dir" dest="$CACHE/$dir"
+  local stamp="$dest/.installed-package-lock.json" # written only after a complete install
+  command -v npm >/dev/null || { log "npm is not installed"; return 1; }
+  if ! cmp -s "$src/package-lock.json" "$stamp"; then
+    log "installing $dir into .cache/$dir"
+    rm -rf "$dest" && mkdir -p "$dest" || return 1
+    cp "$src/package.json" "$src/package-lock.json" "$dest/" || return 1
+    (cd "$dest" && npm ci --no-audit --no-fund --loglevel=error) || {
+      log "npm ci failed for $dir"
+      return 1
+    }
+    cp "$src/package-lock.json" "$stamp" || return 1
+  fi
+  # The scripts are copied on every run, so that an edit takes effect without a reinstall; they
+  # run from .cache/ because Node resolves packages next to the script.
+  cp "$src"/*.js "$dest/"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Peers: one install and one start function each; start exports the URL the tests read. They run
+# under `if` (where `set -e` does not apply), so every step that can fail says `|| return 1`.
+
+# OIDC issuer: npm oauth2-mock-server with GitHub Actions claims (tests/support/oidc-issuer).
+peer_oidc_install() {
+  need_node 20 19 || return 1 # oauth2-mock-server 8's engines
+  npm_install_peer oidc-issuer || return 1
+}
+
+peer_oidc_start() {
+  start_background oidc-issuer node "$CACHE/oidc-issuer/server.js"
+  local out=${PEER_LOGS[-1]} url
+  # The issuer prints {"url":"http://127.0.0.1:PORT"} once it listens.
+  wait_until "OIDC issuer" grep -q '^{"url"' "$out" || return 1
+  url=$(sed -n 's/^{"url": *"\([^"]*\)"}$/\1/p' "$out" | head -n 1)
+  wait_until "OIDC issuer" http_ok "$url/.well-known/openid-configuration" || return 1
+  export LATCHKEY_TEST_OIDC_URL=$url
+  log "OIDC issuer at $url"
+}
+
+# Installs and starts every peer. A peer that fails is fatal under LATCHKEY_REQUIRE_PEERS=1,
+# and otherwise leaves its variable unset so that its tests skip.
+start_peers() {
+  local name missing=()
+  for name in "${PEERS[@]}"; do
+    if ! "peer_${name}_install"; then
+      missing+=("$name (install failed)")
+    elif ! "peer_${name}_start"; then
+      missing+=("$name (did not start)")
+    fi
+  done
+  ((${#missing[@]} == 0)) && return 0
+  if [[ $REQUIRE_PEERS == 1 ]]; then
+    log "peers unavailable with LATCHKEY_REQUIRE_PEERS=1: ${missing[*]}"
+    return 1
+  fi
+  log "NOTICE: peers unavailable, their tests will skip: ${missing[*]}"
+  log "NOTICE: set LATCHKEY_REQUIRE_PEERS=1 to make this an error"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Rust checks
+
+run_tests() {
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast "${FILTER[@]}"
+    # nextest does not run doctests.
+    if ((${#FILTER[@]} == 0)); then cargo test --workspace --doc; fi
+  else
+    log "cargo-nextest is not installed; running the tests with cargo test"
+    cargo test --workspace --no-fail-fast "${FILTER[@]}"
+  fi
+}
+
+export LATCHKEY_REQUIRE_PEERS=$REQUIRE_PEERS
+# The tests find peers only through what this run starts, never through a stale address.
+for var in "${!LATCHKEY_TEST_@}"; do unset "$var"; done
+step "cargo fmt" cargo fmt --all -- --check
+step "peers" start_peers
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "tests" run_tests
+printf '\ntest.sh: all checks passed (%ss)\n' "$SECONDS" >&2

@@ -1,0 +1,4 @@
+//! Shared support for the integration tests: handles on the real peers that `scripts/test.sh`
+//! starts (see docs/TESTING.md).
+
+pub mod peers;

@@ -1,0 +1,122 @@
+//! Handles on the real peers that `scripts/test.sh` starts, found through `LATCHKEY_TEST_*`
+//! variables.
+//!
+//! When a peer's variable is missing the test skips (`from_env` returns `None` after printing
+//! why), unless `LATCHKEY_REQUIRE_PEERS=1`, as in CI, where it fails: there a missing peer must
+//! never look like a passing test.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// Set by `scripts/test.sh` to the OIDC issuer's URL, `http://127.0.0.1:PORT`.
+pub const OIDC_URL_VAR: &str = "LATCHKEY_TEST_OIDC_URL";
+
+/// `1` when every peer must be there.
+pub const REQUIRE_PEERS_VAR: &str = "LATCHKEY_REQUIRE_PEERS";
+
+/// Reads a peer's URL from `var`, or says why the test skips, or panics if peers are required.
+fn peer_url(var: &str, peer: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var(REQUIRE_PEERS_VAR).is_ok_and(|v| v == "1") => panic!(
+            "{var} is not set, and {REQUIRE_PEERS_VAR}=1 requires the {peer} peer: run the tests with scripts/test.sh"
+        ),
+        _ => {
+            eprintln!("skipped: no {peer} peer ({var} is not set; scripts/test.sh starts it)");
+            None
+        }
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client for the test peers")
+}
+
+/// The OIDC issuer: npm `oauth2-mock-server`, wrapped by `tests/support/oidc-issuer/server.js`
+/// to issue GitHub-Actions-style tokens. Its issuer URL is exactly [`OidcPeer::url`] (no
+/// trailing slash); discovery is at `/.well-known/openid-configuration`, keys at `/jwks`.
+///
+/// The issuer started by `scripts/test.sh` is shared by every test, and nextest runs tests in
+/// parallel: a test that rotates or retires keys must do it on its own issuer, from
+/// [`OidcPeer::new_issuer`].
+#[derive(Debug, Clone)]
+pub struct OidcPeer {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl OidcPeer {
+    /// The shared issuer, from `LATCHKEY_TEST_OIDC_URL`; see the module docs when it is unset.
+    pub fn from_env() -> Option<OidcPeer> {
+        peer_url(OIDC_URL_VAR, "OIDC").map(|url| OidcPeer { url, http: http_client() })
+    }
+
+    /// The issuer URL, which is also the `iss` of its tokens.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A signed token for `audience` with GitHub Actions claims (a push to `main` of
+    /// `acme/widgets` by default). `claims`, a JSON object, is merged into the payload: a value
+    /// replaces the claim, `null` removes it. `sub`, `repository_owner`, `ref_type` and the
+    /// workflow refs follow `repository`, `ref`, `environment` and `event_name` unless given.
+    pub async fn token(&self, audience: &str, claims: Value) -> String {
+        self.token_with_header(audience, claims, json!({})).await
+    }
+
+    /// Like [`OidcPeer::token`], and `header`, a JSON object, is merged into the JOSE header
+    /// (`alg` excepted: it is always the signing key's). For tests of hostile headers such as
+    /// `jku` or `crit`, or of a `kid` the issuer never published.
+    pub async fn token_with_header(&self, audience: &str, claims: Value, header: Value) -> String {
+        assert!(claims.is_object(), "claim overrides must be a JSON object, not {claims}");
+        assert!(header.is_object(), "header overrides must be a JSON object, not {header}");
+        let form = [
+            ("grant_type", "client_credentials".to_owned()),
+            ("aud", audience.to_owned()),
+            ("claims", claims.to_string()),
+            ("header", header.to_string()),
+        ];
+        let answer = self.post("/token", &form).await;
+        answer["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the OIDC peer's token answer has no access_token: {answer}"))
+            .to_owned()
+    }
+
+    /// Makes a new key, of the current algorithm, the signing key; the old keys stay published.
+    /// Returns the new key's `kid`.
+    pub async fn rotate(&self) -> String {
+        let answer = self.post("/_control/rotate", &[]).await;
+        answer["kid"].as_str().unwrap_or_else(|| panic!("rotate answered without a kid: {answer}")).to_owned()
+    }
+
+    /// Unpublishes every key but the signing key.
+    pub async fn retire_old_keys(&self) {
+        self.post("/_control/retire", &[]).await;
+    }
+
+    /// A new issuer, on its own port with its own key (`alg`: `RS256` or `ES256`), served by the
+    /// same peer process: for tests that change keys, or need another issuer.
+    pub async fn new_issuer(&self, alg: &str) -> OidcPeer {
+        let answer = self.post("/_control/issuers", &[("alg", alg.to_owned())]).await;
+        let url = answer["url"].as_str().unwrap_or_else(|| panic!("no url for the new issuer: {answer}"));
+        OidcPeer { url: url.to_owned(), http: self.http.clone() }
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, String)]) -> Value {
+        let url = format!("{}{path}", self.url);
+        let response = self
+            .http
+            .post(&url)
+            .form(form)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the OIDC peer at {url} did not answer: {e}"));
+        let status = response.status();
+        let body = response.text().await.unwrap_or_else(|e| panic!("reading the answer of {url}: {e}"));
+        assert!(status.is_success(), "the OIDC peer answered {status} to POST {url}: {body}");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("the OIDC peer's answer to {url} is not JSON ({e}): {body}"))
+    }
+}
