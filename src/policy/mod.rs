@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,7 @@ use serde_json::Value;
 
 use crate::config::IssuerKind;
 use crate::oidc::Claims;
+use glob::Pattern;
 
 /// What the policy loader needs to know about the rest of the configuration.
 #[derive(Debug, Clone, Default)]
@@ -226,9 +228,67 @@ pub struct Policy {
     pub issuer: String,
     pub ttl: Duration,
     pub sha256: String,
+    /// `(name, grant)` in file order; names are unique within the policy.
     pub grants: Vec<(String, GrantSpec)>,
-    // Compiled match/exclude/condition: private to this module.
+    /// The kind of `issuer`, kept for lint (`pull_request_target` is a GitHub notion).
+    issuer_kind: IssuerKind,
+    /// `[match]`, compiled: every rule must match.
+    matches: Vec<ClaimRule>,
+    /// `[exclude]`, compiled: any rule matching denies.
+    excludes: Vec<ClaimRule>,
+    condition: Option<Condition>,
 }
+
+/// One key of `[match]` or `[exclude]`: a claim name and the patterns it may match (any of).
+#[derive(Debug, Clone)]
+struct ClaimRule {
+    claim: String,
+    /// Never empty: an empty list is a load error.
+    patterns: Vec<Pattern>,
+    /// The patterns as a JSON array, built once for traces.
+    expected: Value,
+}
+
+/// A compiled CEL `condition`.
+#[derive(Debug, Clone)]
+struct Condition {
+    source: String,
+    program: Arc<cel::Program>,
+}
+
+/// A GitHub permission level, ordered: read < write < admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Level {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Level {
+    fn parse(text: &str) -> Option<Level> {
+        match text {
+            "read" => Some(Level::Read),
+            "write" => Some(Level::Write),
+            "admin" => Some(Level::Admin),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Read => "read",
+            Level::Write => "write",
+            Level::Admin => "admin",
+        }
+    }
+}
+
+// A policy set is shared by every request handler: it must stay `Send + Sync` (the compiled CEL
+// programs included).
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<PolicySet>();
+};
 
 /// A problem found while loading policies.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -254,24 +314,34 @@ pub struct PolicySet {
 impl PolicySet {
     /// Loads every `*.toml` file of `dir` (not `*.test.toml`, which are table tests). Any error in
     /// any file fails the whole set.
+    ///
+    /// Errors name the file and say what is wrong; every error found is returned, sorted by file.
     pub fn load_dir(dir: &Path, ctx: &LoadContext) -> Result<PolicySet, Vec<LoadError>> {
-        let _ = (dir, ctx);
-        todo!("policy loading")
+        load::load_dir(dir, ctx)
     }
 
     /// Evaluates `capability` for `claims`, then applies `narrow`. Deny by default.
+    ///
+    /// Runs on every exchange: everything it needs was compiled at load, so it does no I/O and
+    /// compiles nothing.
     pub fn decide(&self, capability: &str, claims: &Claims, narrow: Option<&Narrowing>) -> Decision {
-        let _ = (capability, claims, narrow);
-        todo!("policy evaluation")
+        decide::decide(self, capability, claims, narrow)
     }
 
     /// `policy check` warnings for the whole set.
     pub fn lint(&self) -> Vec<Warning> {
-        todo!("policy lint")
+        self.policies.values().flat_map(lint::lint).collect()
     }
 }
 
+mod decide;
+mod github_permissions;
 pub mod glob;
+mod lint;
+mod load;
+mod table;
+
+pub use table::{CaseResult, TableReport, run_table_tests};
 
 /// A claim's value as match patterns see it: strings as they are, numbers and booleans as their
 /// JSON text; arrays, objects and `null` have no text and never match.
@@ -283,18 +353,6 @@ pub fn claim_text(value: &Value) -> Option<String> {
         _ => None,
     }
 }
-// TEMP STUB
-pub struct TableReport;
-impl TableReport {
-    pub fn all_passed(&self) -> bool {
-        true
-    }
-}
-impl std::fmt::Display for TableReport {
-    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        Ok(())
-    }
-}
-pub fn run_table_tests(_: &Path, _: &PolicySet, _: &LoadContext) -> Result<TableReport, Vec<LoadError>> {
-    Ok(TableReport)
-}
+
+#[cfg(test)]
+mod tests;

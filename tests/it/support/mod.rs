@@ -2,3 +2,5 @@
 //! starts (see docs/TESTING.md).
 
 pub mod peers;
+
+pub mod test_app;
