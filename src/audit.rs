@@ -119,8 +119,7 @@ pub enum ChainError {
 
 /// Checks a run of consecutive events, starting after an event whose hash was `prev`.
 pub fn verify_chain(mut prev: [u8; 32], first_seq: i64, events: &[StoredEvent]) -> Result<[u8; 32], ChainError> {
-    let mut expected = first_seq;
-    for e in events {
+    for (expected, e) in (first_seq..).zip(events) {
         if e.seq != expected {
             return Err(ChainError::Gap { seq: e.seq, expected });
         }
@@ -136,7 +135,6 @@ pub fn verify_chain(mut prev: [u8; 32], first_seq: i64, events: &[StoredEvent]) 
             return Err(ChainError::BadHash { seq: e.seq });
         }
         prev = hash;
-        expected += 1;
     }
     Ok(prev)
 }

@@ -193,7 +193,9 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         let recorded = app.ledger.record_handle(credential.id, &handle).await;
         minted.push((credential, m));
         if let Err(e) = recorded {
-            return Err(abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await);
+            return Err(
+                abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await
+            );
         }
     }
 
@@ -225,7 +227,11 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     let activated = if local {
         let issued: Vec<CredentialRow> = minted
             .iter()
-            .map(|(c, m)| CredentialRow { fingerprint: Some(m.fingerprint.clone()), expires_at: m.expires_at, ..(*c).clone() })
+            .map(|(c, m)| CredentialRow {
+                fingerprint: Some(m.fingerprint.clone()),
+                expires_at: m.expires_at,
+                ..(*c).clone()
+            })
             .collect();
         app.ledger.issue_local(&row, &issued, activation).await
     } else {

@@ -82,7 +82,8 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
             .context("configuring issuers")?;
     if let Some(dev) = &options.dev_issuer {
         let id = config.issuers.iter().find(|i| i.url == dev.url()).map(|i| i.id.clone()).unwrap_or_default();
-        verifier = verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(dev.jwks().to_string().as_bytes())?));
+        verifier =
+            verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(dev.jwks().to_string().as_bytes())?));
     }
     let now = clock.now();
     let jwt = Arc::new(JwtBackend::load_or_create(&*ledger, &sealer, config.public_url(), now).await?);

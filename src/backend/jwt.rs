@@ -90,7 +90,7 @@ impl JwtBackend {
             stored = ledger.signing_keys().await?;
         }
         // Newest first: it signs.
-        stored.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        stored.sort_by_key(|k| std::cmp::Reverse(k.created_at));
         let keys = stored
             .iter()
             .map(|k| {

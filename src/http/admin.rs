@@ -81,7 +81,8 @@ pub(super) async fn audit(State(app): State<AppState>, Query(q): Query<AuditQuer
     let request_id = request_id(&req);
     let (parts, _) = req.into_parts();
     let result = async {
-        authorize(&app, &parts, Role::Auditor, &request_id).await?;
+        let who = authorize(&app, &parts, Role::Auditor, &request_id).await?;
+        tracing::debug!(admin = %who.name, role = who.role.as_str(), "audit read");
         let after = match q.cursor.as_deref() {
             None | Some("") => 0,
             Some(c) => c
@@ -125,10 +126,11 @@ pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Respon
     let request_id = request_id(&req);
     let (parts, body) = req.into_parts();
     let result = async {
-        authorize(&app, &parts, Role::Admin, &request_id).await?;
+        let who = authorize(&app, &parts, Role::Admin, &request_id).await?;
         let body = super::token::read_body(body, &request_id).await?;
         let r: ExplainRequest = serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid_request(format!("malformed explain request: {e}"), &request_id))?;
+        tracing::info!(admin = %who.name, capability = %r.capability, "explain");
         let policies = app.policies.get();
         let issuer =
             r.issuer.or_else(|| policies.policies.get(&r.capability).map(|p| p.issuer.clone())).unwrap_or_default();

@@ -41,7 +41,9 @@ fn init_writes_a_config_that_checks_and_serve_refuses_without_its_sealing_key() 
     assert!(text(&check).contains("configuration OK"));
 
     std::fs::remove_file(site.join("latchkey.key")).unwrap();
-    for args in [&["serve", "--config", "site/latchkey.toml", "--check"][..], &["serve", "--config", "site/latchkey.toml"]] {
+    for args in
+        [&["serve", "--config", "site/latchkey.toml", "--check"][..], &["serve", "--config", "site/latchkey.toml"]]
+    {
         let out = latchkey(args, dir.path());
         assert!(!out.status.success());
         assert!(text(&out).contains("sealing key"), "{}", text(&out));
@@ -77,7 +79,8 @@ fn policy_check_fails_on_an_unknown_key_and_on_an_unpinned_owner() {
             "description = \"x\"\nagent = \"a\"\nissuer = \"github-actions\"\nttl = \"15m\"\n{extra}\n[match]\n{pin}repository = \"acme/widgets\"\n[[grant]]\nbackend = \"jwt\"\naudience = \"x\"\n"
         )
     };
-    std::fs::write(dir.path().join("typo.toml"), policy("descripton = \"y\"", "repository_owner_id = \"1\"\n")).unwrap();
+    std::fs::write(dir.path().join("typo.toml"), policy("descripton = \"y\"", "repository_owner_id = \"1\"\n"))
+        .unwrap();
     let out = latchkey(&["policy", "check", "--dir", "."], dir.path());
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("descripton"), "{}", text(&out));
@@ -104,7 +107,16 @@ fn policy_explain_prints_the_trace_without_a_server() {
     .unwrap();
     let policies = repo_path("policies");
     let out = latchkey(
-        &["policy", "explain", "--dir", policies.to_str().unwrap(), "--capability", "pr-review", "--claims", claims.to_str().unwrap()],
+        &[
+            "policy",
+            "explain",
+            "--dir",
+            policies.to_str().unwrap(),
+            "--capability",
+            "pr-review",
+            "--claims",
+            claims.to_str().unwrap(),
+        ],
         dir.path(),
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -150,7 +162,8 @@ async fn dev_mode_exchanges_a_dev_token_and_denies_another_repository() {
     });
     let banner = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("latchkey dev printed its banner");
     let url = banner.lines().find_map(|l| l.strip_prefix("latchkey dev is running at ")).unwrap().trim().to_owned();
-    let admin_key = banner.lines().find_map(|l| l.trim().strip_prefix("export LATCHKEY_ADMIN_KEY=")).unwrap().to_owned();
+    let admin_key =
+        banner.lines().find_map(|l| l.trim().strip_prefix("export LATCHKEY_ADMIN_KEY=")).unwrap().to_owned();
 
     let mint = |claims: serde_json::Value| {
         let out = Command::new(env!("CARGO_BIN_EXE_latchkey"))
@@ -177,7 +190,8 @@ async fn dev_mode_exchanges_a_dev_token_and_denies_another_repository() {
     )
     .await;
     let denied = answer(exchange(mint(json!({"repository": "acme/widgets-evil"}))).send().await.unwrap()).await;
-    let audit = answer(client.get(format!("{url}/v1/audit?limit=100")).bearer_auth(&admin_key).send().await.unwrap()).await;
+    let audit =
+        answer(client.get(format!("{url}/v1/audit?limit=100")).bearer_auth(&admin_key).send().await.unwrap()).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);

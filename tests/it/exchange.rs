@@ -121,7 +121,8 @@ async fn json_requests_and_narrowing_work() {
 #[tokio::test]
 async fn a_denial_tells_the_caller_little_and_the_audit_trail_everything() {
     let t = TestApp::start().await;
-    let a = t.exchange(&t.token(json!({ "repository": "acme/widgets-evil" })), "pr-review").await;
+    let evil = json!({ "repository": "acme/widgets-evil", "event_name": "pull_request", "ref": "refs/pull/7/merge" });
+    let a = t.exchange(&t.token(evil), "pr-review").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(a.body["error"], "access_denied");
     let request_id = a.body["request_id"].as_str().unwrap();
@@ -163,11 +164,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         let key = hmac::Key::new(hmac::HMAC_SHA256, &t.issuer.public_key_bytes());
         format!("{input}.{}", b64(hmac::sign(&key, input.as_bytes())))
     };
-    let none = format!(
-        "{}.{}.",
-        b64(json!({ "alg": "none", "typ": "JWT" }).to_string()),
-        b64(claims(json!({})).to_string())
-    );
+    let none =
+        format!("{}.{}.", b64(json!({ "alg": "none", "typ": "JWT" }).to_string()), b64(claims(json!({})).to_string()));
     let imposter = crate::support::test_app::TestIssuer::start_with_kid(&t.issuer.kid).await;
     let imposter_token = imposter.token(json!({ "iss": iss }));
     let now = chrono::Utc::now().timestamp();
@@ -203,11 +201,39 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
     // Requests malformed before any token is looked at.
     let big_token = "a".repeat(16 * 1024 + 1);
-    let malformed: Vec<(&str, Vec<(&str, &str)>, StatusCode)> = vec![
-        ("token over 16 KiB", vec![("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"), ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"), ("subject_token", &big_token), ("scope", "pr-review")], StatusCode::BAD_REQUEST),
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode);
+    let malformed: Vec<Case> = vec![
+        (
+            "token over 16 KiB",
+            vec![
+                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("subject_token", &big_token),
+                ("scope", "pr-review"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
         ("no grant_type", vec![("subject_token", "x"), ("scope", "pr-review")], StatusCode::BAD_REQUEST),
-        ("no scope", vec![("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"), ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"), ("subject_token", "x")], StatusCode::BAD_REQUEST),
-        ("bad narrow", vec![("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"), ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"), ("subject_token", "x"), ("scope", "pr-review"), ("narrow", "{not json")], StatusCode::BAD_REQUEST),
+        (
+            "no scope",
+            vec![
+                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("subject_token", "x"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad narrow",
+            vec![
+                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("subject_token", "x"),
+                ("scope", "pr-review"),
+                ("narrow", "{not json"),
+            ],
+            StatusCode::BAD_REQUEST,
+        ),
     ];
     for (name, form, status) in malformed {
         let a = t.exchange_form(&form).await;
@@ -217,7 +243,14 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let huge = "x".repeat(64 * 1024 + 1);
     let r = t.client.post(format!("{}/v1/token", t.url)).body(huge).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let r = t.client.post(format!("{}/v1/token", t.url)).header("content-type", "application/json").body("{[").send().await.unwrap();
+    let r = t
+        .client
+        .post(format!("{}/v1/token", t.url))
+        .header("content-type", "application/json")
+        .body("{[")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
     // Authorization refusals.
@@ -300,7 +333,9 @@ async fn explain_gives_the_full_trace_without_minting() {
     let a = t.post_json("/v1/explain", Some(ADMIN_KEY), &json!({ "capability": "pr-review", "claims": claims })).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(a.body["decision"], "deny");
-    assert!(a.body["trace"].as_array().unwrap().iter().any(|s| s["rule"] == "match.repository" && s["passed"] == false));
+    assert!(
+        a.body["trace"].as_array().unwrap().iter().any(|s| s["rule"] == "match.repository" && s["passed"] == false)
+    );
     assert_eq!(t.credential_count(), 0);
 }
 

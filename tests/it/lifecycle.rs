@@ -259,8 +259,11 @@ async fn a_broken_policy_set_is_refused_and_the_old_one_keeps_serving() {
     assert!(!latchkey::worker::reload_policies(&t.app).await);
     assert_eq!(t.exchange(&t.token(claims.clone()), "pr-review").await.status, StatusCode::OK, "old set still serves");
 
-    std::fs::copy(crate::support::test_app::repo_path("policies/pr-review.toml"), t.policy_dir().join("pr-review.toml"))
-        .unwrap();
+    std::fs::copy(
+        crate::support::test_app::repo_path("policies/pr-review.toml"),
+        t.policy_dir().join("pr-review.toml"),
+    )
+    .unwrap();
     assert!(latchkey::worker::reload_policies(&t.app).await);
     assert_eq!(t.events("policy.reloaded").await.len(), 1);
     let _ = Utc::now();

@@ -1,5 +1,8 @@
 //! latchkey's integration tests: one test binary, one module per area, to keep link time down.
 
+// A panic is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod exchange;
 mod lifecycle;

@@ -460,7 +460,11 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn insert_intent(&mut self, exchange: &ExchangeParams, credentials: &[CredentialParams]) -> Result<(), LedgerError> {
+    fn insert_intent(
+        &mut self,
+        exchange: &ExchangeParams,
+        credentials: &[CredentialParams],
+    ) -> Result<(), LedgerError> {
         // Intent is recorded before any backend is called: everything starts pending, so that a
         // crash leaves rows the reconciler recognizes.
         if exchange.state != ExchangeState::Pending {

@@ -239,15 +239,7 @@ sha256 = "{auditor}"
         };
         let app = server::build(config, options).await.unwrap();
         let running = server::start(app.clone(), None, self.background).await.unwrap();
-        TestApp {
-            url: running.url(),
-            client: reqwest::Client::new(),
-            issuer,
-            app,
-            clock,
-            running: Some(running),
-            dir,
-        }
+        TestApp { url: running.url(), client: reqwest::Client::new(), issuer, app, clock, running: Some(running), dir }
     }
 }
 
