@@ -31,6 +31,37 @@ pub struct Selector {
     pub credential: Option<Uuid>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
+    /// The globs above, compiled on first use: selectors are matched on every exchange.
+    #[serde(skip)]
+    pub compiled: CompiledCache,
+}
+
+/// Compiled patterns of a selector; `None` when one does not compile (such a selector matches
+/// nothing, and was refused at creation anyway).
+#[derive(Clone, Default)]
+pub struct CompiledCache(std::sync::OnceLock<Option<Compiled>>);
+
+/// A cache is not part of a selector's value.
+impl PartialEq for CompiledCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for CompiledCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
+}
+
+#[derive(Clone)]
+struct Compiled {
+    agent: Option<Pattern>,
+    capability: Option<Pattern>,
+    subject: Option<Pattern>,
+    repository: Option<Pattern>,
+    workflow: Option<Pattern>,
+    claims: Vec<(String, Pattern)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,31 +99,50 @@ impl Selector {
         Ok(())
     }
 
+    fn compiled(&self) -> Option<&Compiled> {
+        self.compiled
+            .0
+            .get_or_init(|| {
+                let p = |v: &Option<String>| v.as_deref().map(Pattern::parse).transpose();
+                Some(Compiled {
+                    agent: p(&self.agent).ok()?,
+                    capability: p(&self.capability).ok()?,
+                    subject: p(&self.subject).ok()?,
+                    repository: p(&self.repository).ok()?,
+                    workflow: p(&self.workflow).ok()?,
+                    claims: self
+                        .claims
+                        .iter()
+                        .map(|(k, v)| Pattern::parse(v).map(|p| (k.clone(), p)))
+                        .collect::<Result<_, _>>()
+                        .ok()?,
+                })
+            })
+            .as_ref()
+    }
+
     /// Whether the selector matches an identity (and, for `credential`, one of its credentials).
     pub fn matches(&self, s: &KillSubject) -> bool {
-        fn glob(pattern: &Option<String>, value: Option<&str>) -> bool {
-            match pattern {
-                None => true,
-                Some(p) => match (Pattern::parse(p), value) {
-                    (Ok(p), Some(v)) => p.matches(v),
-                    // A pattern that does not compile was refused at creation; an absent value
-                    // never matches.
-                    _ => false,
-                },
+        // An absent value never matches a pattern.
+        fn glob(pattern: &Option<Pattern>, value: Option<&str>) -> bool {
+            match (pattern, value) {
+                (None, _) => true,
+                (Some(p), Some(v)) => p.matches(v),
+                (Some(_), None) => false,
             }
         }
         if self.all {
             return true;
         }
-        glob(&self.agent, Some(&s.agent))
-            && glob(&self.capability, Some(&s.capability))
-            && glob(&self.subject, Some(&s.subject))
-            && glob(&self.repository, s.repository.as_deref())
-            && glob(&self.workflow, s.workflow.as_deref())
+        let Some(c) = self.compiled() else { return false };
+        glob(&c.agent, Some(&s.agent))
+            && glob(&c.capability, Some(&s.capability))
+            && glob(&c.subject, Some(&s.subject))
+            && glob(&c.repository, s.repository.as_deref())
+            && glob(&c.workflow, s.workflow.as_deref())
             && self.issuer.as_ref().is_none_or(|i| *i == s.issuer)
-            && self.claims.iter().all(|(name, p)| {
-                let value = s.claims.get(name).and_then(crate::policy::claim_text);
-                glob(&Some(p.clone()), value.as_deref())
+            && c.claims.iter().all(|(name, p)| {
+                s.claims.get(name).and_then(crate::policy::claim_text).is_some_and(|v| p.matches(&v))
             })
             && self.credential.is_none_or(|c| s.credentials.contains(&c))
     }
@@ -127,5 +177,46 @@ impl KillRule {
     /// In force at `now`: not lifted and not lapsed.
     pub fn in_force(&self, now: DateTime<Utc>) -> bool {
         self.lifted_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject() -> KillSubject {
+        KillSubject {
+            agent: "pr-reviewer".into(),
+            capability: "pr-review".into(),
+            issuer: "github-actions".into(),
+            subject: "repo:acme/widgets:ref:refs/heads/main".into(),
+            repository: Some("acme/widgets".into()),
+            workflow: None,
+            claims: serde_json::json!({ "actor": "octocat", "run_id": 42 }).as_object().cloned().unwrap_or_default(),
+            credentials: vec![],
+        }
+    }
+
+    #[test]
+    fn every_given_field_must_match() {
+        let s = subject();
+        let sel = |v: serde_json::Value| serde_json::from_value::<Selector>(v).unwrap();
+        assert!(sel(serde_json::json!({ "agent": "pr-*" })).matches(&s));
+        assert!(sel(serde_json::json!({ "agent": "pr-reviewer", "repository": "acme/*" })).matches(&s));
+        assert!(!sel(serde_json::json!({ "agent": "pr-reviewer", "repository": "acme/other" })).matches(&s));
+        assert!(!sel(serde_json::json!({ "repository": "acme" })).matches(&s), "globs match whole values");
+        assert!(!sel(serde_json::json!({ "workflow": "*" })).matches(&s), "an absent value never matches");
+        assert!(sel(serde_json::json!({ "claims": { "run_id": "42" } })).matches(&s), "numbers by their text");
+        assert!(!sel(serde_json::json!({ "claims": { "missing": "*" } })).matches(&s));
+        assert!(!sel(serde_json::json!({ "issuer": "github" })).matches(&s), "issuer is exact");
+        assert!(sel(serde_json::json!({ "all": true })).matches(&s));
+    }
+
+    #[test]
+    fn an_empty_selector_and_a_bad_pattern_are_refused() {
+        assert!(matches!(Selector::default().validate(), Err(KillError::EmptySelector)));
+        let bad = Selector { agent: Some("re:(".into()), ..Default::default() };
+        assert!(matches!(bad.validate(), Err(KillError::BadPattern { .. })));
+        assert!(!bad.matches(&subject()));
     }
 }
