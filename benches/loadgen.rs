@@ -11,6 +11,8 @@
 mod issuer;
 #[path = "loadgen/load.rs"]
 mod load;
+#[path = "loadgen/metrics.rs"]
+mod metrics;
 #[path = "loadgen/procfs.rs"]
 mod procfs;
 #[path = "loadgen/report.rs"]
@@ -205,6 +207,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
 
     let plan = load::Plan {
         url: token_url,
+        base_url: server.url.clone(),
         concurrency,
         warmup: args.warmup,
         duration: args.duration,

@@ -25,6 +25,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub struct Plan {
     /// `http://127.0.0.1:PORT/v1/token`.
     pub url: String,
+    /// `http://127.0.0.1:PORT`, for `/metrics`.
+    pub base_url: String,
     pub concurrency: usize,
     pub warmup: Duration,
     pub duration: Duration,
@@ -62,6 +64,9 @@ pub struct Outcome {
     /// Highest sampled `VmRSS` of the server during the load, and its `VmHWM` at the end.
     pub rss_max_kib: u64,
     pub hwm_kib: u64,
+    /// Mean server-side exchange time (ms) and exchange count over the window, from the broker's
+    /// `/metrics`, when it exports them.
+    pub server_side: Option<(f64, u64)>,
     /// Set when a profile was recorded.
     pub profile: Option<PathBuf>,
 }
@@ -225,6 +230,8 @@ pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
     sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut outcome = Outcome::default();
     let mut before: Option<CpuSnapshot> = None;
+    let metrics_client = reqwest::Client::builder().no_proxy().build()?;
+    let mut metrics_before = None;
     let mut perf: Option<tokio::process::Child> = None;
     let mut last_progress = (start, 0u64);
     let after = loop {
@@ -236,6 +243,7 @@ pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
         }
         if before.is_none() && now >= measure_from {
             before = Some(CpuSnapshot::take(plan.server_pid));
+            metrics_before = crate::metrics::scrape(&metrics_client, &plan.base_url).await;
             if let Some(out) = &plan.profile {
                 perf = start_perf(plan.server_pid, plan.duration, out, &plan.profile_log);
             }
@@ -261,6 +269,11 @@ pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
     };
     let before = before.unwrap_or(after);
     outcome.cores = procfs::cores_used(&before, &after, ticks);
+    if let Some(m0) = metrics_before
+        && let Some(m1) = crate::metrics::scrape(&metrics_client, &plan.base_url).await
+    {
+        outcome.server_side = crate::metrics::mean_between(m0, m1);
+    }
 
     let mut last_done = measure_from;
     for handle in handles {

@@ -194,6 +194,9 @@ pub fn print_human(summary: &Summary, outcome: &Outcome, info: &RunInfo) {
         "  CPU (cores)   server {:.2}, load generator {:.2}, other processes {:.2}; machine has {}",
         outcome.cores.server, outcome.cores.loadgen, outcome.cores.others, info.cores
     );
+    if let Some((mean_ms, count)) = outcome.server_side {
+        println!("  server-side   mean {mean_ms:.2} ms inside the broker over {count} exchanges (its /metrics)");
+    }
     if summary.errors > 0 {
         println!("  failures      {}", fmt_errors(outcome));
     }
@@ -231,7 +234,7 @@ pub fn to_json(summary: &Summary, outcome: &Outcome, info: &RunInfo, targets: &T
         "throughput_per_s": summary.rate,
         "per_second": outcome.per_second,
         "latency_ms": {"p50": l.p50, "p90": l.p90, "p99": l.p99, "p99_9": l.p999, "max": l.max},
-        "server": {"rss_max_mb": summary.rss_max_mb, "rss_peak_mb": summary.hwm_mb, "cpu_cores": outcome.cores.server, "exited": info.server_exited, "log_lines": info.server_log_lines},
+        "server": {"exchange_mean_ms": outcome.server_side.map(|s| s.0), "exchanges_seen": outcome.server_side.map(|s| s.1), "rss_max_mb": summary.rss_max_mb, "rss_peak_mb": summary.hwm_mb, "cpu_cores": outcome.cores.server, "exited": info.server_exited, "log_lines": info.server_log_lines},
         "loadgen": {"cpu_cores": outcome.cores.loadgen, "threads": info.client_threads},
         "machine": {"cores": info.cores, "other_cpu_cores": outcome.cores.others},
         "targets": {"min_throughput_per_s": targets.min_rate, "max_p99_ms": targets.max_p99_ms, "max_rss_mb": targets.max_rss_mb},
