@@ -42,7 +42,7 @@ pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
     if let Some(dev) = dev_issuer {
         router = router.merge(dev::router(app.clone(), dev));
     }
-    router.layer(middleware::from_fn(request_id)).layer(axum::extract::DefaultBodyLimit::disable())
+    router.layer(middleware::from_fn(request_id)).layer(axum::extract::DefaultBodyLimit::max(token::MAX_BODY))
 }
 
 /// `/healthz`, `/readyz`, `/metrics`.

@@ -357,3 +357,27 @@ async fn health_readiness_metrics_and_openapi_answer() {
         assert!(o.body["paths"].get(path).is_some(), "{path} missing from openapi.json");
     }
 }
+
+#[tokio::test]
+async fn tls_is_served_when_a_certificate_is_configured() {
+    let t = TestApp::builder().tls().start().await;
+    assert!(t.url.starts_with("https://"), "{}", t.url);
+    assert_eq!(t.get("/healthz", None).await.status, StatusCode::OK);
+    let a = t.exchange(&t.token(pr_claims()), "pr-review").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let plain = t.url.replace("https://", "http://");
+    assert!(reqwest::get(format!("{plain}/healthz")).await.is_err(), "plain HTTP answered on the TLS port");
+}
+
+#[tokio::test]
+async fn operations_endpoints_move_to_admin_listen() {
+    let t = TestApp::builder().server("admin_listen = \"127.0.0.1:0\"").start().await;
+    let admin = t.admin_url.clone().expect("an admin listener");
+    assert_eq!(t.get("/metrics", None).await.status, StatusCode::NOT_FOUND);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = reqwest::get(format!("{admin}{path}")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    let r = reqwest::get(format!("{admin}/v1/token")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "the exchange is not on the admin listener");
+}

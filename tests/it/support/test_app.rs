@@ -146,6 +146,8 @@ impl TestIssuer {
 /// How to build a [`TestApp`].
 pub struct Builder {
     extra_policies: Vec<(String, String)>,
+    server_lines: String,
+    tls: bool,
     config_tail: String,
     backends: Vec<Arc<dyn Backend>>,
     background: bool,
@@ -153,7 +155,14 @@ pub struct Builder {
 
 impl Default for Builder {
     fn default() -> Self {
-        Builder { extra_policies: Vec::new(), config_tail: String::new(), backends: Vec::new(), background: true }
+        Builder {
+            extra_policies: Vec::new(),
+            server_lines: String::new(),
+            tls: false,
+            config_tail: String::new(),
+            backends: Vec::new(),
+            background: true,
+        }
     }
 }
 
@@ -161,6 +170,19 @@ impl Builder {
     /// Adds a policy file beside the example policies.
     pub fn policy(mut self, name: &str, text: &str) -> Self {
         self.extra_policies.push((name.to_owned(), text.to_owned()));
+        self
+    }
+
+    /// Adds lines to the `[server]` table.
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server_lines.push_str(lines);
+        self.server_lines.push('\n');
+        self
+    }
+
+    /// Serves HTTPS with a self-signed certificate for 127.0.0.1 (made with `openssl`).
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
         self
     }
 
@@ -190,11 +212,24 @@ impl Builder {
         for (name, text) in &self.extra_policies {
             std::fs::write(policies.join(name), text).unwrap();
         }
+        let mut server_lines = self.server_lines.clone();
+        if self.tls {
+            let status = std::process::Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+                .args(["-keyout", "tls.key", "-out", "tls.crt", "-days", "1", "-subj", "/CN=127.0.0.1"])
+                .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl makes the test certificate");
+            assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+            server_lines.push_str("tls_cert_file = \"tls.crt\"\ntls_key_file = \"tls.key\"\n");
+        }
         let text = format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
 audience = "{AUDIENCE}"
+{server_lines}
 [store]
 url = "sqlite://latchkey.db"
 [policies]
@@ -239,7 +274,10 @@ sha256 = "{auditor}"
         };
         let app = server::build(config, options).await.unwrap();
         let running = server::start(app.clone(), None, self.background).await.unwrap();
-        TestApp { url: running.url(), client: reqwest::Client::new(), issuer, app, clock, running: Some(running), dir }
+        // The certificate is self-signed: these tests check that TLS is served, not PKI.
+        let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(self.tls).build().unwrap();
+        let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
+        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir }
     }
 }
 
@@ -250,6 +288,8 @@ pub const AUDITOR_KEY: &str = "lk_test_auditor_key";
 /// A running broker and what a test needs around it.
 pub struct TestApp {
     pub url: String,
+    /// `/healthz`, `/readyz`, `/metrics` when `admin_listen` is configured.
+    pub admin_url: Option<String>,
     pub client: reqwest::Client,
     pub issuer: TestIssuer,
     pub app: AppState,
