@@ -141,9 +141,9 @@ impl Selector {
             && glob(&c.repository, s.repository.as_deref())
             && glob(&c.workflow, s.workflow.as_deref())
             && self.issuer.as_ref().is_none_or(|i| *i == s.issuer)
-            && c.claims.iter().all(|(name, p)| {
-                s.claims.get(name).and_then(crate::policy::claim_text).is_some_and(|v| p.matches(&v))
-            })
+            && c.claims
+                .iter()
+                .all(|(name, p)| s.claims.get(name).and_then(crate::policy::claim_text).is_some_and(|v| p.matches(&v)))
             && self.credential.is_none_or(|c| s.credentials.contains(&c))
     }
 }

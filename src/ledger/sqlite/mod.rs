@@ -280,7 +280,7 @@ impl Ledger for SqliteLedger {
     async fn create_kill(&self, rule: &KillRule, event: AuditEvent) -> Result<KillEffect, LedgerError> {
         let selector = serde_json::to_string(&rule.selector)
             .map_err(|e| LedgerError::Conflict(format!("selector does not serialize: {e}")))?;
-        let op = Op::CreateKill { rule: rule.clone(), selector, event: EventParams::new(&event) };
+        let op = Op::CreateKill { rule: Box::new(rule.clone()), selector, event: EventParams::new(&event) };
         match self.write(op).await? {
             Reply::KillEffect(effect) => Ok(effect),
             other => Err(unexpected(other)),

@@ -206,7 +206,7 @@ pub(super) enum Op {
         event: EventParams,
     },
     CreateKill {
-        rule: KillRule,
+        rule: Box<KillRule>,
         selector: String,
         event: EventParams,
     },
