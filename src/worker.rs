@@ -60,8 +60,11 @@ pub fn spawn_all(app: &AppState) {
             }
         }
     });
+    // The baseline is taken now, not when the task first runs: a change made in between must
+    // count as a change.
+    let baseline = dir_signature(&app.config.resolve(&app.config.policies.dir));
     let a = app.clone();
-    tokio::spawn(async move { watch_policies(a).await });
+    tokio::spawn(async move { watch_policies(a, baseline).await });
 }
 
 /// Reads the kill rules in force from the ledger into memory.
@@ -228,9 +231,8 @@ fn dir_signature(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
 
 /// Reloads the policies when their files change or on SIGHUP. A set that fails to load is
 /// refused with an error event, and the old set keeps serving.
-async fn watch_policies(app: AppState) {
+async fn watch_policies(app: AppState, mut last: BTreeMap<PathBuf, (u64, Option<SystemTime>)>) {
     let dir = app.config.resolve(&app.config.policies.dir);
-    let mut last = dir_signature(&dir);
     let mut tick = tokio::time::interval(app.config.policies.reload_interval);
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

@@ -278,7 +278,8 @@ impl Verifier {
     pub fn spawn_periodic_refresh(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let verifier = self.clone();
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
+            // The first refresh is one period away: start-up has just fetched every issuer's keys.
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;

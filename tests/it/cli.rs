@@ -200,3 +200,22 @@ async fn dev_mode_exchanges_a_dev_token_and_denies_another_repository() {
     assert_eq!(audit.status, StatusCode::OK);
     assert!(audit.text.contains("exchange.denied"), "{}", audit.text);
 }
+
+#[test]
+fn serve_refuses_an_unmigrated_store_until_migrate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(latchkey(&["init", "."], dir.path()).status.success());
+    // Listen on a free port so that a serve that wrongly starts cannot collide with anything.
+    let path = dir.path().join("latchkey.toml");
+    let config = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("0.0.0.0:8443", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    std::fs::write(&path, config).unwrap();
+    let out = latchkey(&["serve"], dir.path());
+    assert!(!out.status.success());
+    assert!(text(&out).contains("latchkey migrate"), "{}", text(&out));
+    let out = latchkey(&["migrate"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(latchkey(&["migrate"], dir.path()).status.success(), "migrate is idempotent");
+}

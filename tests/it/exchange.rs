@@ -105,15 +105,7 @@ async fn json_requests_and_narrowing_work() {
 
     // The same narrowing as a form field holding JSON.
     let token = t.token(pr_claims());
-    let a = t
-        .exchange_form(&[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("subject_token", &token),
-            ("scope", "pr-review"),
-            ("narrow", r#"{"jwt":{"ttl":"2m"}}"#),
-        ])
-        .await;
+    let a = t.exchange_narrowed(&token, "pr-review", r#"{"jwt":{"ttl":"2m"}}"#).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(a.body["expires_in"], 120);
 }
@@ -257,15 +249,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let a = t.exchange(&t.token(pr_claims()), "no-such-capability").await;
     assert_eq!((a.status, a.body["error"].as_str()), (StatusCode::FORBIDDEN, Some("access_denied")));
     let token = t.token(pr_claims());
-    let a = t
-        .exchange_form(&[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("subject_token", &token),
-            ("scope", "pr-review"),
-            ("narrow", r#"{"jwt":{"ttl":"2h"}}"#),
-        ])
-        .await;
+    let a = t.exchange_narrowed(&token, "pr-review", r#"{"jwt":{"ttl":"2h"}}"#).await;
     assert_eq!((a.status, a.body["error"].as_str()), (StatusCode::FORBIDDEN, Some("access_denied")), "{}", a.text);
     assert_eq!(t.credential_count(), 0);
 }
@@ -275,15 +259,7 @@ async fn a_token_is_spent_once_per_capability_and_only_on_success() {
     let t = TestApp::start().await;
     let token = t.token(pr_claims());
     // A denied use does not spend it...
-    let a = t
-        .exchange_form(&[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("subject_token", &token),
-            ("scope", "pr-review"),
-            ("narrow", r#"{"jwt":{"ttl":"2h"}}"#),
-        ])
-        .await;
+    let a = t.exchange_narrowed(&token, "pr-review", r#"{"jwt":{"ttl":"2h"}}"#).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     // ...a successful one does.
     assert_eq!(t.exchange(&token, "pr-review").await.status, StatusCode::OK);
@@ -380,4 +356,51 @@ async fn operations_endpoints_move_to_admin_listen() {
     }
     let r = reqwest::get(format!("{admin}/v1/token")).await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND, "the exchange is not on the admin listener");
+}
+
+/// Serves `router` on a free loopback port; returns its URL.
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
+}
+
+#[tokio::test]
+async fn issuers_whose_discovery_lies_or_redirects_are_refused() {
+    use axum::routing::get;
+    let real = crate::support::test_app::TestIssuer::start().await;
+    let liar = serve(axum::Router::new().route(
+        "/.well-known/openid-configuration",
+        get(|| async {
+            axum::Json(json!({ "issuer": "https://elsewhere.example", "jwks_uri": "https://elsewhere.example/jwks" }))
+        }),
+    ))
+    .await;
+    let target = format!("{}/.well-known/openid-configuration", real.url);
+    let redirector = serve(axum::Router::new().route(
+        "/.well-known/openid-configuration",
+        get(move || async move { axum::response::Redirect::temporary(&target) }),
+    ))
+    .await;
+    let issuers: String = [("liar", &liar), ("redirector", &redirector)]
+        .iter()
+        .map(|(id, url)| {
+            format!("[[issuer]]\nid = \"{id}\"\nkind = \"generic\"\nurl = \"{url}\"\nalgorithms = [\"ES256\"]\n")
+        })
+        .collect();
+    let t = TestApp::builder().config(&issuers).start().await;
+    for url in [&liar, &redirector] {
+        let claims = Value::Object(real.claims(json!({ "iss": url })));
+        let token = real.sign(&json!({ "alg": "ES256", "kid": real.kid }), &claims);
+        let a = t.exchange(&token, "pr-review").await;
+        assert_eq!(
+            (a.status, a.body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_grant")),
+            "{url}: {}",
+            a.text
+        );
+    }
+    assert_eq!(real.jwks_fetches(), 0, "keys were fetched through a lying or redirecting discovery");
+    assert_eq!(t.credential_count(), 0);
 }

@@ -268,3 +268,19 @@ async fn a_broken_policy_set_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(t.events("policy.reloaded").await.len(), 1);
     let _ = Utc::now();
 }
+
+#[tokio::test]
+async fn policies_reload_when_their_files_change() {
+    let t = TestApp::builder().reload_interval("100ms").start().await;
+    std::fs::write(t.policy_dir().join("broken.toml"), "agent = 1\n").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.events("policy.reload_failed").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the change was not noticed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::fs::remove_file(t.policy_dir().join("broken.toml")).unwrap();
+    while t.events("policy.reloaded").await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the fix was not noticed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

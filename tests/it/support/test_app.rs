@@ -148,6 +148,7 @@ pub struct Builder {
     extra_policies: Vec<(String, String)>,
     server_lines: String,
     tls: bool,
+    reload_interval: String,
     config_tail: String,
     backends: Vec<Arc<dyn Backend>>,
     background: bool,
@@ -159,6 +160,7 @@ impl Default for Builder {
             extra_policies: Vec::new(),
             server_lines: String::new(),
             tls: false,
+            reload_interval: "1h".into(),
             config_tail: String::new(),
             backends: Vec::new(),
             background: true,
@@ -177,6 +179,12 @@ impl Builder {
     pub fn server(mut self, lines: &str) -> Self {
         self.server_lines.push_str(lines);
         self.server_lines.push('\n');
+        self
+    }
+
+    /// How often the policy directory is checked for changes (default: an hour, i.e. never).
+    pub fn reload_interval(mut self, interval: &str) -> Self {
+        self.reload_interval = interval.to_owned();
         self
     }
 
@@ -234,7 +242,7 @@ audience = "{AUDIENCE}"
 url = "sqlite://latchkey.db"
 [policies]
 dir = "policies"
-reload_interval = "1h"
+reload_interval = "{reload_interval}"
 [[issuer]]
 id = "github-actions"
 kind = "github"
@@ -260,6 +268,7 @@ sha256 = "{auditor}"
             service = sha256_hex(SERVICE_KEY),
             auditor = sha256_hex(AUDITOR_KEY),
             tail = self.config_tail,
+            reload_interval = self.reload_interval,
         );
         let config_path = dir.path().join("latchkey.toml");
         std::fs::write(&config_path, text).unwrap();
@@ -329,6 +338,18 @@ impl TestApp {
             ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
             ("subject_token", token),
             ("scope", capability),
+        ])
+        .await
+    }
+
+    /// `POST /v1/token` with a `narrow` form field holding JSON.
+    pub async fn exchange_narrowed(&self, token: &str, capability: &str, narrow: &str) -> Answer {
+        self.exchange_form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("subject_token", token),
+            ("scope", capability),
+            ("narrow", narrow),
         ])
         .await
     }
