@@ -136,7 +136,12 @@ fn dev_config(
 }
 
 fn print_banner(url: &str, admin_key: &str, dir: &std::path::Path, policies: &std::path::Path, caps: &[String]) {
-    let first = caps.first().map(String::as_str).unwrap_or("pr-review");
+    // The sample claims below are shaped for the pr-review example policy.
+    let first = if caps.iter().any(|c| c == "pr-review") {
+        "pr-review"
+    } else {
+        caps.first().map_or("pr-review", String::as_str)
+    };
     println!(
         r#"
 latchkey dev is running at {url}
@@ -161,7 +166,7 @@ Ready-to-paste commands:
     -d subject_token=$TOKEN -d scope={first}
 
   # a denial: another repository
-  EVIL=$(latchkey dev token --claims '{{"repository":"acme/widgets-evil"}}')
+  EVIL=$(latchkey dev token --claims '{{"repository":"acme/widgets-evil","event_name":"pull_request","ref":"refs/pull/7/merge"}}')
   curl -s $LATCHKEY_URL/v1/token \
     -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
     -d subject_token_type=urn:ietf:params:oauth:token-type:jwt \
