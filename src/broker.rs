@@ -405,9 +405,8 @@ fn exchange_event(name: &str, row: &ExchangeRow, now: DateTime<Utc>) -> AuditEve
     e.subject = row.subject.clone();
     e.repository = row.repository.clone();
     e.workflow = row.workflow.clone();
-    e.run_id = ["run_id", "pipeline_id", "CIRCLE_WORKFLOW_ID", "build_uuid"]
-        .iter()
-        .find_map(|k| row.claims.get(*k).and_then(crate::policy::claim_text));
+    // GitHub Actions' `run_id`, GitLab's `pipeline_id`.
+    e.run_id = ["run_id", "pipeline_id"].iter().find_map(|k| row.claims.get(*k).and_then(crate::policy::claim_text));
     e.capability = row.capability.clone();
     e.agent = row.agent.clone();
     e.policy_hash = row.policy_sha256.clone();

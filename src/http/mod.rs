@@ -61,12 +61,9 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // Every event logged while the request is handled carries its id.
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = {
-        let _entered = span.enter();
-        drop(_entered);
-        tracing::Instrument::instrument(next.run(req), span.clone()).await
-    };
+    let mut response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }

@@ -16,11 +16,34 @@ use serde_json::json;
 use crate::support::test_app::TestApp;
 
 /// A backend double that mints (or fails) and counts revocations with the handle it was given.
+/// With a `probe`, each mint first reads the ledger file and records what is on disk.
 #[derive(Debug)]
 struct Double {
     kind: BackendKind,
     fail: bool,
     revoked: Arc<AtomicUsize>,
+    probe: Option<Probe>,
+}
+
+/// What the ledger held on disk at the moment of each mint: `(credential, state, has handle)`.
+#[derive(Debug, Clone, Default)]
+struct Probe {
+    db: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    seen: Arc<std::sync::Mutex<Vec<Vec<(String, String, bool)>>>>,
+}
+
+impl Probe {
+    fn look(&self) {
+        let Some(db) = self.db.lock().unwrap().clone() else { return };
+        let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let mut stmt = conn.prepare("SELECT id, state, handle IS NOT NULL FROM credentials ORDER BY name").unwrap();
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect();
+        self.seen.lock().unwrap().push(rows);
+    }
+}
+
+fn double(kind: BackendKind, fail: bool, revoked: &Arc<AtomicUsize>) -> Arc<Double> {
+    Arc::new(Double { kind, fail, revoked: revoked.clone(), probe: None })
 }
 
 #[async_trait]
@@ -29,6 +52,9 @@ impl Backend for Double {
         self.kind
     }
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, BackendError> {
+        if let Some(p) = &self.probe {
+            p.look();
+        }
         if self.fail {
             return Err(BackendError::Unavailable { backend: self.kind, message: "connection refused".into() });
         }
@@ -90,8 +116,8 @@ async fn when_one_grant_fails_nothing_stays_issued() {
     let t = TestApp::builder()
         .policy("deploy.toml", TWO_GRANTS)
         .config(BACKENDS)
-        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
-        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: true, revoked: Arc::new(AtomicUsize::new(0)) }))
+        .backend(double(BackendKind::Github, false, &revoked))
+        .backend(double(BackendKind::Vault, true, &Arc::default()))
         .start()
         .await;
     let a = t.exchange(&t.token(json!({})), "deploy").await;
@@ -112,8 +138,8 @@ async fn handles_are_sealed_at_rest() {
     let t = TestApp::builder()
         .policy("deploy.toml", TWO_GRANTS)
         .config(BACKENDS)
-        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
-        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: false, revoked: revoked.clone() }))
+        .backend(double(BackendKind::Github, false, &revoked))
+        .backend(double(BackendKind::Vault, false, &revoked))
         .start()
         .await;
     let a = t.exchange(&t.token(json!({})), "deploy").await;
@@ -147,8 +173,8 @@ async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
         .no_background()
         .policy("deploy.toml", TWO_GRANTS)
         .config(BACKENDS)
-        .backend(Arc::new(Double { kind: BackendKind::Github, fail: false, revoked: revoked.clone() }))
-        .backend(Arc::new(Double { kind: BackendKind::Vault, fail: false, revoked: revoked.clone() }))
+        .backend(double(BackendKind::Github, false, &revoked))
+        .backend(double(BackendKind::Vault, false, &revoked))
         .start()
         .await;
     assert_eq!(t.exchange(&t.token(json!({})), "deploy").await.status, StatusCode::OK);
@@ -282,5 +308,86 @@ async fn policies_reload_when_their_files_change() {
     while t.events("policy.reloaded").await.is_empty() {
         assert!(std::time::Instant::now() < deadline, "the fix was not noticed");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// DESIGN steps 5 and 6: the intent is on disk before any backend is called, and each grant's
+/// handle is on disk before the next grant is minted.
+#[tokio::test]
+async fn intent_is_durable_before_minting_and_handles_before_the_next_grant() {
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let probe = Probe::default();
+    let probed = |kind| Arc::new(Double { kind, fail: false, revoked: revoked.clone(), probe: Some(probe.clone()) });
+    let t = TestApp::builder()
+        .policy("deploy.toml", TWO_GRANTS)
+        .config(BACKENDS)
+        .backend(probed(BackendKind::Github))
+        .backend(probed(BackendKind::Vault))
+        .start()
+        .await;
+    *probe.db.lock().unwrap() = Some(t.dir.path().join("latchkey.db"));
+    let a = t.exchange(&t.token(json!({})), "deploy").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let seen = probe.seen.lock().unwrap().clone();
+    let ids: Vec<&str> = a.body["credentials"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let (github, vault) = (ids[0].to_string(), ids[1].to_string());
+    // Minting the github grant: both rows pending, no handle yet.
+    assert!(seen[0].contains(&(github.clone(), "pending".into(), false)), "{seen:?}");
+    assert!(seen[0].contains(&(vault.clone(), "pending".into(), false)), "{seen:?}");
+    // Minting the vault grant: the github handle is already recorded.
+    assert!(seen[1].contains(&(github, "pending".into(), true)), "{seen:?}");
+    assert!(seen[1].contains(&(vault, "pending".into(), false)), "{seen:?}");
+}
+
+/// A writer that keeps everything logged, for the test below.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let installed = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .is_ok();
+    if !installed {
+        eprintln!("skipped: another test installed the global log subscriber first");
+        return;
+    }
+    let revoked = Arc::new(AtomicUsize::new(0));
+    let t = TestApp::builder()
+        .policy("deploy.toml", TWO_GRANTS)
+        .config(BACKENDS)
+        .backend(double(BackendKind::Github, false, &revoked))
+        .backend(double(BackendKind::Vault, true, &revoked))
+        .start()
+        .await;
+    let subject_token = t.token(json!({}));
+    assert_eq!(t.exchange(&subject_token, "deploy").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let claims = json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" });
+    let ok = t.exchange(&t.token(claims), "pr-review").await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("request_id"), "the capture works: {logs}");
+    for secret in [
+        subject_token.as_str(),
+        ok.body["access_token"].as_str().unwrap(),
+        ok.body["release_token"].as_str().unwrap(),
+        "secret-",
+        crate::support::test_app::ADMIN_KEY,
+    ] {
+        assert!(!logs.contains(secret), "a secret reached the logs: {secret}");
     }
 }
