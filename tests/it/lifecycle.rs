@@ -25,11 +25,14 @@ struct Double {
     probe: Option<Probe>,
 }
 
-/// What the ledger held on disk at the moment of each mint: `(credential, state, has handle)`.
+/// One credential row as a probe saw it: `(id, state, has a handle)`.
+type SeenRow = (String, String, bool);
+
+/// What the ledger held on disk at the moment of each mint.
 #[derive(Debug, Clone, Default)]
 struct Probe {
     db: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
-    seen: Arc<std::sync::Mutex<Vec<Vec<(String, String, bool)>>>>,
+    seen: Arc<std::sync::Mutex<Vec<Vec<SeenRow>>>>,
 }
 
 impl Probe {
