@@ -18,7 +18,7 @@ REQUIRE_PEERS=${LATCHKEY_REQUIRE_PEERS:-0}
 PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to answer
 
 # The peers this script runs, in order. Each NAME has peer_NAME_install and peer_NAME_start.
-PEERS=(oidc)
+PEERS=(oidc github)
 
 usage() {
   sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -162,7 +162,7 @@ npm_install_peer() {
   fi
   # The scripts are copied on every run, so that an edit takes effect without a reinstall; they
   # run from .cache/ because Node resolves packages next to the script.
-  cp "$src"/*.js "$dest/"
+  if compgen -G "$src/*.js" >/dev/null; then cp "$src"/*.js "$dest/" || return 1; fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +184,19 @@ peer_oidc_start() {
   wait_until "OIDC issuer" http_ok "$url/.well-known/openid-configuration" || return 1
   export LATCHKEY_TEST_OIDC_URL=$url
   log "OIDC issuer at $url"
+}
+
+# GitHub: no server can run here. The tests run an in-process double of GitHub's API and check
+# its traffic against GitHub's own OpenAPI description (npm @octokit/openapi), installed here.
+peer_github_install() {
+  npm_install_peer github-openapi || return 1
+}
+
+peer_github_start() {
+  local file="$CACHE/github-openapi/node_modules/@octokit/openapi/generated/api.github.com.json"
+  [[ -s $file ]] || { log "GitHub's OpenAPI description is missing at $file"; return 1; }
+  export LATCHKEY_TEST_GITHUB_OPENAPI=$file
+  log "GitHub OpenAPI description at $file"
 }
 
 # Installs and starts every peer. A peer that fails is fatal under LATCHKEY_REQUIRE_PEERS=1,

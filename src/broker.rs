@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::audit::{AuditEvent, format_time};
-use crate::backend::{MintRequest, Minted, SecretFields};
+use crate::backend::{BackendError, MintRequest, Minted, SecretFields};
 use crate::kill::KillSubject;
 use crate::ledger::{
     Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, JobKind, NewJob,
@@ -171,14 +171,22 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
                     now,
                     expires_at: credential.expires_at,
                 };
-                backend.mint(request).await.map_err(|e| e.to_string())
+                backend.mint(request).await
             }
-            None => Err(format!("backend {} is not configured", grant.spec.backend())),
+            None => Err(BackendError::Unavailable {
+                backend: grant.spec.backend(),
+                message: "the backend is not configured".into(),
+            }),
         };
         let m = match result {
             Ok(m) => m,
-            Err(reason) => {
-                return Err(abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &reason)).await);
+            Err(e) => {
+                let state = if matches!(e, BackendError::Refused { .. }) {
+                    ExchangeState::Denied
+                } else {
+                    ExchangeState::Failed
+                };
+                return Err(abort(app, &row, local, minted, state, failed(&grant.name, &e)).await);
             }
         };
         if local {
@@ -193,9 +201,8 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         let recorded = app.ledger.record_handle(credential.id, &handle).await;
         minted.push((credential, m));
         if let Err(e) = recorded {
-            return Err(
-                abort(app, &row, local, minted, ExchangeState::Failed, failed(&grant.name, &e.to_string())).await
-            );
+            let reason = format!("grant {}: recording its handle: {e}", grant.name);
+            return Err(abort(app, &row, local, minted, ExchangeState::Failed, (unavailable(&e), reason)).await);
         }
     }
 
@@ -350,11 +357,17 @@ async fn abort(
     err
 }
 
-fn failed(grant: &str, reason: &str) -> (ExchangeError, String) {
-    (
-        ExchangeError::Unavailable(format!("could not issue grant {grant:?}; nothing was issued")),
-        format!("grant {grant}: {reason}"),
-    )
+/// A grant that could not be minted. A backend that refuses the grant as the policy asks it (the
+/// GitHub installation lacks a permission, say) is `access_denied`: retrying will not help. Any
+/// other failure is `temporarily_unavailable`. The backend's message goes to the audit trail only.
+fn failed(grant: &str, e: &BackendError) -> (ExchangeError, String) {
+    let err = match e {
+        BackendError::Refused { .. } => ExchangeError::AccessDenied(format!(
+            "grant {grant:?} cannot be issued as the policy asks; nothing was issued"
+        )),
+        _ => ExchangeError::Unavailable(format!("could not issue grant {grant:?}; nothing was issued")),
+    };
+    (err, format!("grant {grant}: {e}"))
 }
 
 fn unavailable(e: &crate::ledger::LedgerError) -> ExchangeError {

@@ -355,6 +355,10 @@ impl Config {
             if !apps.insert(app.id.as_str()) {
                 return invalid(format!("backends.github id {:?} is configured twice", app.id));
             }
+            // The app JWT and installation tokens travel to this URL.
+            if let Err(e) = check_issuer_url(&app.api_url) {
+                return invalid(format!("backends.github {}: api_url {e}", app.id));
+            }
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::app::{AdminKeys, App, AppState, Clock, KillSnapshot, Swap};
 use crate::backend::Backend;
+use crate::backend::github::GithubBackend;
 use crate::backend::jwt::JwtBackend;
 use crate::config::Config;
 use crate::http::DevIssuer;
@@ -90,6 +91,11 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     let mut backends: HashMap<BackendKind, Arc<dyn Backend>> = HashMap::new();
     if config.backends.jwt.enabled {
         backends.insert(BackendKind::Jwt, jwt.clone());
+    }
+    if !config.backends.github.is_empty() {
+        let github = GithubBackend::new(&config.backends.github, |p| config.resolve(p), config.limits.outbound_timeout)
+            .context("configuring the GitHub backend")?;
+        backends.insert(BackendKind::Github, Arc::new(github));
     }
     for backend in options.backends {
         backends.insert(backend.kind(), backend);

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use crate::app::{App, AppState, KillSnapshot};
 use crate::audit::AuditEvent;
+use crate::backend::BackendError;
 use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, LedgerError};
 use crate::metrics::JobLabels;
 use crate::policy::PolicySet;
@@ -154,10 +155,16 @@ async fn run_job(app: &App, job: &Job) -> JobOutcome {
     };
     match backend.revoke(&credential, handle.as_deref()).await {
         Ok(()) => JobOutcome::Done { state: target, event },
-        Err(e) if job.attempts + 1 >= MAX_ATTEMPTS || credential.expires_at <= now => {
+        // A revocation at TTL end keeps trying after the TTL: the backend's own expiry may be
+        // later (GitHub's fixed hour). Any other revocation of an expired credential is moot.
+        Err(e) if job.attempts + 1 >= MAX_ATTEMPTS || (job.kind == JobKind::Revoke && credential.expires_at <= now) => {
             let mut event = job_event(job, "job.failed", now);
             event.reason = Some(e.to_string());
             JobOutcome::Failed { error: e.to_string(), event }
+        }
+        Err(BackendError::Throttled { retry_after, message, .. }) => {
+            let wait = chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::seconds(60));
+            JobOutcome::Retry { run_at: now + wait, error: message }
         }
         Err(e) => retry(job, now, e.to_string()),
     }

@@ -1,5 +1,6 @@
 //! Backends mint and revoke one kind of credential each.
 
+pub mod github;
 pub mod jwt;
 
 use std::fmt;
@@ -21,6 +22,9 @@ pub enum BackendError {
     /// The grant cannot be minted as asked (a misconfiguration found at mint time).
     #[error("{backend} backend refused the grant: {message}")]
     Refused { backend: BackendKind, message: String },
+    /// The backend asked latchkey to slow down; try again after `retry_after`.
+    #[error("{backend} backend: {message}")]
+    Throttled { backend: BackendKind, message: String, retry_after: std::time::Duration },
     /// The stored revocation handle cannot be used.
     #[error("{backend} backend: bad revocation handle: {message}")]
     BadHandle { backend: BackendKind, message: String },

@@ -32,6 +32,12 @@ pub(super) fn lint(policy: &Policy) -> Vec<Warning> {
             GrantSpec::Github(g) if g.repositories == GithubRepositories::All => messages.push(format!(
                 "grant `{name}`: `repositories = \"*\"` gives every repository of the installation, present and future"
             )),
+            GrantSpec::Github(g) if g.installation_id.is_none() && g.owner_id.is_none() => messages.push(format!(
+                "grant `{name}`: owner `{}` is found by login without `owner_id`; only when the token's own \
+                 `repository_owner` is that login is its `repository_owner_id` checked against the installation, so \
+                 pin `owner_id` to refuse a renamed or re-registered owner",
+                g.owner.as_deref().unwrap_or_default()
+            )),
             GrantSpec::Vault(VaultGrant::Secret { revocable: false, .. }) => messages.push(format!(
                 "grant `{name}`: `revocable = false`: the secret has no lease, so neither its TTL nor a kill can take \
                  it back"

@@ -387,6 +387,7 @@ fn fields<T: for<'de> Deserialize<'de>>(table: toml::Table) -> Result<T, Vec<Str
 struct RawGithub {
     app: Option<String>,
     owner: Option<String>,
+    owner_id: Option<u64>,
     installation_id: Option<u64>,
     repositories: Option<toml::Value>,
     repository_ids: Option<Vec<u64>>,
@@ -479,6 +480,7 @@ fn github_grant(table: toml::Table, ctx: &LoadContext) -> Result<GrantSpec, Vec<
         Some(repositories) if errors.is_empty() => Ok(GrantSpec::Github(GithubGrant {
             app: raw.app,
             owner: raw.owner,
+            owner_id: raw.owner_id,
             installation_id: raw.installation_id,
             repositories,
             permissions,

@@ -86,6 +86,9 @@ pub struct GithubGrant {
     /// `[[backends.github]] id`; `None` is the first configured app.
     pub app: Option<String>,
     pub owner: Option<String>,
+    /// The owner's numeric account id: the installation found for `owner` must belong to it, so
+    /// that a renamed or re-registered login cannot receive the grant.
+    pub owner_id: Option<u64>,
     pub installation_id: Option<u64>,
     pub repositories: GithubRepositories,
     /// Permission name → `read` | `write` | `admin`.

@@ -5,6 +5,7 @@
 
 mod cli;
 mod exchange;
+mod github;
 mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;

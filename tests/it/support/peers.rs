@@ -15,8 +15,9 @@ pub const OIDC_URL_VAR: &str = "LATCHKEY_TEST_OIDC_URL";
 /// `1` when every peer must be there.
 pub const REQUIRE_PEERS_VAR: &str = "LATCHKEY_REQUIRE_PEERS";
 
-/// Reads a peer's URL from `var`, or says why the test skips, or panics if peers are required.
-fn peer_url(var: &str, peer: &str) -> Option<String> {
+/// Reads what `scripts/test.sh` exported for a peer (its URL, a file), or says why the test
+/// skips, or panics if peers are required.
+pub fn peer_var(var: &str, peer: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var(REQUIRE_PEERS_VAR).is_ok_and(|v| v == "1") => panic!(
@@ -49,7 +50,7 @@ pub struct OidcPeer {
 impl OidcPeer {
     /// The shared issuer, from `LATCHKEY_TEST_OIDC_URL`; see the module docs when it is unset.
     pub fn from_env() -> Option<OidcPeer> {
-        peer_url(OIDC_URL_VAR, "OIDC").map(|url| OidcPeer { url, http: http_client() })
+        peer_var(OIDC_URL_VAR, "OIDC").map(|url| OidcPeer { url, http: http_client() })
     }
 
     /// The issuer URL, which is also the `iss` of its tokens.

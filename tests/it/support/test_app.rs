@@ -152,6 +152,7 @@ pub struct Builder {
     config_tail: String,
     backends: Vec<Arc<dyn Backend>>,
     background: bool,
+    clock: Option<Arc<ManualClock>>,
 }
 
 impl Default for Builder {
@@ -164,6 +165,7 @@ impl Default for Builder {
             config_tail: String::new(),
             backends: Vec::new(),
             background: true,
+            clock: None,
         }
     }
 }
@@ -203,6 +205,12 @@ impl Builder {
     /// Adds (or replaces) a backend: for doubles of services that have no local server.
     pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.backends.push(backend);
+        self
+    }
+
+    /// Uses this clock, shared with a double that must agree with the broker on the time.
+    pub fn clock(mut self, clock: Arc<ManualClock>) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -273,20 +281,31 @@ sha256 = "{auditor}"
         let config_path = dir.path().join("latchkey.toml");
         std::fs::write(&config_path, text).unwrap();
         let config = Config::load(&config_path).unwrap();
-        let clock = ManualClock::new(Utc::now());
+        let clock = self.clock.clone().unwrap_or_else(|| ManualClock::new(Utc::now()));
         let options = Options {
             clock: clock.clone(),
             migrate: true,
             dev_issuer: None,
             sealer: Some(Sealer::from_bytes(&[9; 32])),
-            backends: self.backends,
+            backends: self.backends.clone(),
         };
         let app = server::build(config, options).await.unwrap();
         let running = server::start(app.clone(), None, self.background).await.unwrap();
         // The certificate is self-signed: these tests check that TLS is served, not PKI.
         let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(self.tls).build().unwrap();
         let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
-        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir }
+        TestApp {
+            url: running.url(),
+            admin_url,
+            client,
+            issuer,
+            app,
+            clock,
+            running: Some(running),
+            dir,
+            injected: self.backends,
+            background: self.background,
+        }
     }
 }
 
@@ -306,6 +325,9 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     running: Option<Running>,
     pub dir: tempfile::TempDir,
+    /// The backends the builder injected, kept for [`TestApp::restart`].
+    injected: Vec<Arc<dyn Backend>>,
+    background: bool,
 }
 
 /// An HTTP answer: status, headers and the JSON body (`null` if it was not JSON).
@@ -425,6 +447,41 @@ impl TestApp {
 
     pub fn policy_dir(&self) -> PathBuf {
         self.dir.path().join("policies")
+    }
+
+    /// Stops the broker and starts a new one on the same directory (config, policies, store),
+    /// the same clock and the same injected backends: a restart after a deploy or a crash.
+    /// Needs `no_background()`, whose absence would keep the old store open in its loops.
+    pub async fn restart(mut self) -> TestApp {
+        assert!(!self.background, "restart() needs a TestApp built with no_background()");
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        let TestApp { issuer, app, clock, dir, client, injected, background, .. } = self;
+        drop(app);
+        let config = Config::load(&dir.path().join("latchkey.toml")).unwrap();
+        let options = Options {
+            clock: clock.clone(),
+            migrate: false,
+            dev_issuer: None,
+            sealer: Some(Sealer::from_bytes(&[9; 32])),
+            backends: injected.clone(),
+        };
+        let app = server::build(config, options).await.unwrap();
+        let running = server::start(app.clone(), None, background).await.unwrap();
+        let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
+        TestApp {
+            url: running.url(),
+            admin_url,
+            client,
+            issuer,
+            app,
+            clock,
+            running: Some(running),
+            dir,
+            injected,
+            background,
+        }
     }
 
     pub async fn stop(mut self) {
