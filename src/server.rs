@@ -92,7 +92,9 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     if config.backends.jwt.enabled {
         backends.insert(BackendKind::Jwt, jwt.clone());
     }
-    if !config.backends.github.is_empty() {
+    // An injected backend replaces the configured one of its kind, which is then not built.
+    let injected: Vec<BackendKind> = options.backends.iter().map(|b| b.kind()).collect();
+    if !config.backends.github.is_empty() && !injected.contains(&BackendKind::Github) {
         let github = GithubBackend::new(&config.backends.github, |p| config.resolve(p), config.limits.outbound_timeout)
             .context("configuring the GitHub backend")?;
         backends.insert(BackendKind::Github, Arc::new(github));

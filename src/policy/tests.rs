@@ -407,7 +407,7 @@ fn grant_names_are_unique_and_valid() {
     assert!(load_errors(&format!("{HEAD}{PIN}{bad}")).contains("the name must match"));
 }
 
-const GH: &str = "[[grant]]\nbackend = \"github\"\nowner = \"acme\"\n";
+const GH: &str = "[[grant]]\nbackend = \"github\"\nowner = \"acme\"\nowner_id = 1234567\n";
 
 #[test]
 fn github_grant_checks() {
@@ -930,6 +930,19 @@ fn lint_is_quiet_for_a_careful_policy() {
     ));
     assert!(w.is_empty(), "{w:?}");
     assert!(warnings(&format!("{PIN}ref = \"refs/heads/main\"")).is_empty());
+}
+
+#[test]
+fn lint_flags_an_owner_found_by_login_without_its_id() {
+    let grant = "[[grant]]\nbackend = \"github\"\nowner = \"acme\"\nrepositories = [\"w\"]\npermissions = { contents = \"read\" }";
+    let w = warnings(&format!("{PIN}ref = \"refs/heads/main\"\n{grant}"));
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("without `owner_id`"), "{w:?}");
+    let pinned = grant.replace("owner = \"acme\"", "installation_id = 5");
+    assert!(
+        warnings(&format!("{PIN}ref = \"refs/heads/main\"\n{pinned}")).is_empty(),
+        "a pinned installation is an id"
+    );
 }
 
 #[test]
