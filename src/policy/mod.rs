@@ -339,6 +339,15 @@ impl PolicySet {
 
 mod decide;
 mod github_permissions;
+
+/// Every GitHub permission a `github` grant may name, with the levels it accepts: the table the
+/// loader checks against (a test keeps it equal to GitHub's OpenAPI description).
+pub fn github_permission_table() -> Vec<(&'static str, Vec<&'static str>)> {
+    github_permissions::PERMISSIONS
+        .iter()
+        .map(|(name, levels)| (*name, levels.iter().map(|l| l.as_str()).collect()))
+        .collect()
+}
 pub mod glob;
 mod lint;
 mod load;

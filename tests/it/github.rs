@@ -401,3 +401,24 @@ async fn the_openapi_check_refuses_what_github_would_not_send_or_accept() {
     installation["suspended_at"] = json!(5);
     assert!(spec.check_response("apps/get-org-installation", 200, Some(&installation)).is_err());
 }
+
+#[tokio::test]
+async fn the_permission_table_of_the_loader_is_githubs() {
+    let Some(spec) = crate::support::openapi::GithubOpenApi::get() else { return };
+    let schema = spec.schema("app-permissions");
+    let mut from_github: Vec<(String, Vec<String>)> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, p)| {
+            let levels = p["enum"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_owned()).collect();
+            (name.clone(), levels)
+        })
+        .collect();
+    from_github.sort();
+    let ours: Vec<(String, Vec<String>)> = latchkey::policy::github_permission_table()
+        .into_iter()
+        .map(|(n, l)| (n.to_owned(), l.into_iter().map(str::to_owned).collect()))
+        .collect();
+    assert_eq!(ours, from_github, "src/policy/github_permissions.rs must list GitHub's app-permissions exactly");
+}

@@ -59,6 +59,11 @@ impl GithubOpenApi {
         panic!("GitHub's description has no operation {id}")
     }
 
+    /// A schema from `components/schemas`, as written.
+    pub fn schema(&self, name: &str) -> Value {
+        self.doc["components"]["schemas"][name].clone()
+    }
+
     /// An example value from `components/examples`.
     pub fn example(&self, name: &str) -> Value {
         self.doc["components"]["examples"][name]["value"].clone()
