@@ -18,7 +18,7 @@ REQUIRE_PEERS=${LATCHKEY_REQUIRE_PEERS:-0}
 PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to answer
 
 # The peers this script runs, in order. Each NAME has peer_NAME_install and peer_NAME_start.
-PEERS=(oidc github)
+PEERS=(oidc github aws)
 
 usage() {
   sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -197,6 +197,49 @@ peer_github_start() {
   [[ -s $file ]] || { log "GitHub's OpenAPI description is missing at $file"; return 1; }
   export LATCHKEY_TEST_GITHUB_OPENAPI=$file
   log "GitHub OpenAPI description at $file"
+}
+
+# Installs the Python packages of tests/support/DIR into the virtual environment .cache/DIR,
+# unless the same requirements were installed completely before.
+pip_install_peer() {
+  local dir=$1
+  local src="$ROOT/tests/support/$dir" venv="$CACHE/$dir"
+  local stamp="$venv/.installed-requirements" # written only after a complete install
+  command -v python3 >/dev/null || { log "python3 is not installed"; return 1; }
+  if ! cat "$src/requirements.txt" "$src/constraints.txt" | cmp -s - "$stamp"; then
+    log "installing $dir into .cache/$dir"
+    rm -rf "$venv" && python3 -m venv "$venv" || return 1
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      -r "$src/requirements.txt" -c "$src/constraints.txt" || {
+      log "pip install failed for $dir"
+      return 1
+    }
+    cat "$src/requirements.txt" "$src/constraints.txt" >"$stamp" || return 1
+  fi
+}
+
+# AWS STS and IAM: PyPI moto[server] (tests/support/moto). After it starts, setup_broker.py makes
+# the IAM user the broker runs as, exports its keys for the standard AWS credential chain, and
+# turns IAM enforcement on.
+peer_aws_install() {
+  pip_install_peer moto || return 1
+}
+
+peer_aws_start() {
+  local port url exports
+  port=$(free_port) || return 1
+  url="http://127.0.0.1:$port"
+  start_background moto "$CACHE/moto/bin/moto_server" -H 127.0.0.1 -p "$port"
+  wait_until "moto" http_ok "$url/moto-api/" || return 1
+  exports=$("$CACHE/moto/bin/python" "$ROOT/tests/support/moto/setup_broker.py" "$url") || {
+    log "could not prepare moto's IAM user"
+    return 1
+  }
+  eval "$exports"
+  export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+  unset AWS_PROFILE AWS_SESSION_TOKEN
+  export LATCHKEY_TEST_AWS_URL=$url
+  log "moto (STS, IAM) at $url, enforcing IAM"
 }
 
 # Installs and starts every peer. A peer that fails is fatal under LATCHKEY_REQUIRE_PEERS=1,

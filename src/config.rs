@@ -169,10 +169,23 @@ fn default_true() -> bool {
 pub struct BackendsConfig {
     #[serde(default)]
     pub github: Vec<GithubAppConfig>,
-    pub aws: Option<toml::Table>,
+    pub aws: Option<AwsConfig>,
     pub vault: Option<toml::Table>,
     #[serde(default)]
     pub jwt: JwtBackendConfig,
+}
+
+/// `[backends.aws]`. The broker's own credentials come from the standard AWS chain
+/// (environment, profile, web identity/IRSA, instance metadata), never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    pub region: String,
+    /// Another STS/IAM endpoint (a VPC endpoint, or a local emulator in tests).
+    pub endpoint_url: Option<String>,
+    /// When set, every `role_arn` in the policies must live under this IAM path (`/latchkey/`):
+    /// the path the broker's own IAM permissions are limited to.
+    pub role_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +361,21 @@ impl Config {
             }
             if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                 return invalid(format!("admin_key {}: sha256 must be 64 lowercase hex digits", key.name));
+            }
+        }
+        if let Some(aws) = &self.backends.aws {
+            if aws.region.is_empty() {
+                return invalid("backends.aws: region must not be empty".into());
+            }
+            if let Some(url) = &aws.endpoint_url
+                && let Err(e) = check_issuer_url(url)
+            {
+                return invalid(format!("backends.aws: endpoint_url {e}"));
+            }
+            if let Some(path) = &aws.role_path
+                && (!path.starts_with('/') || !path.ends_with('/'))
+            {
+                return invalid(format!("backends.aws: role_path {path:?} must start and end with /"));
             }
         }
         let mut apps = std::collections::HashSet::new();

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::app::{AdminKeys, App, AppState, Clock, KillSnapshot, Swap};
 use crate::backend::Backend;
+use crate::backend::aws::AwsBackend;
 use crate::backend::github::GithubBackend;
 use crate::backend::jwt::JwtBackend;
 use crate::config::Config;
@@ -47,6 +48,7 @@ pub fn policy_context(config: &Config) -> LoadContext {
             .collect(),
         backends,
         github_apps: config.backends.github.iter().map(|a| a.id.clone()).collect(),
+        aws_role_path: config.backends.aws.as_ref().and_then(|a| a.role_path.clone()),
     }
 }
 
@@ -98,6 +100,12 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         let github = GithubBackend::new(&config.backends.github, |p| config.resolve(p), config.limits.outbound_timeout)
             .context("configuring the GitHub backend")?;
         backends.insert(BackendKind::Github, Arc::new(github));
+    }
+    if let Some(aws) = &config.backends.aws
+        && !injected.contains(&BackendKind::Aws)
+    {
+        let backend = AwsBackend::new(aws, config.limits.outbound_timeout, clock.clone()).await;
+        backends.insert(BackendKind::Aws, Arc::new(backend));
     }
     for backend in options.backends {
         backends.insert(backend.kind(), backend);

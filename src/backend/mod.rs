@@ -1,5 +1,6 @@
 //! Backends mint and revoke one kind of credential each.
 
+pub mod aws;
 pub mod github;
 pub mod jwt;
 
@@ -10,9 +11,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::kill::KillRule;
 use crate::ledger::CredentialRow;
 use crate::oidc::Claims;
-use crate::policy::{AuthorizedGrant, BackendKind};
+use crate::policy::{AuthorizedGrant, BackendKind, PolicySet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -88,6 +90,33 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Revokes one credential; `handle` is the unsealed handle recorded at mint. Already revoked
     /// or expired counts as done.
     async fn revoke(&self, credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError>;
+
+    /// Revokes one credential because `rule` matched it. A backend that can refuse everything a
+    /// selector names at once (AWS, by session tags) uses the rule; the others revoke the one
+    /// credential.
+    async fn revoke_for_kill(
+        &self,
+        credential: &CredentialRow,
+        handle: Option<&[u8]>,
+        _rule: &KillRule,
+    ) -> Result<(), BackendError> {
+        self.revoke(credential, handle).await
+    }
+
+    /// Periodic upkeep of what the backend keeps outside latchkey (AWS: pruning and bounding its
+    /// deny statements). Called by the worker with the current policies and every kill rule that
+    /// stood within the longest session a backend issues.
+    async fn maintain(&self, _upkeep: &Upkeep<'_>) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// What [`Backend::maintain`] gets to look at.
+#[derive(Debug)]
+pub struct Upkeep<'a> {
+    pub policies: &'a PolicySet,
+    /// Kill rules in force, and those lifted or lapsed within the last 12 hours.
+    pub rules: &'a [KillRule],
 }
 
 /// Base64 (standard, padded) SHA-256 of a secret.

@@ -363,7 +363,7 @@ fn compile_grant(
     }
     let spec = match kind {
         BackendKind::Github => github_grant(table, ctx),
-        BackendKind::Aws => aws_grant(table, base_dir),
+        BackendKind::Aws => aws_grant(table, base_dir, ctx),
         BackendKind::Vault => vault_grant(table),
         BackendKind::Jwt => jwt_grant(table),
     };
@@ -512,12 +512,22 @@ struct RawAws {
     external_id: Option<String>,
 }
 
-fn aws_grant(table: toml::Table, base_dir: &Path) -> Result<GrantSpec, Vec<String>> {
+fn aws_grant(table: toml::Table, base_dir: &Path, ctx: &LoadContext) -> Result<GrantSpec, Vec<String>> {
     let raw: RawAws = fields(table)?;
     let mut errors = Vec::new();
     if !ROLE_ARN.is_match(&raw.role_arn) {
         errors
             .push(format!("role_arn `{}` is not an IAM role ARN (arn:aws:iam::123456789012:role/name)", raw.role_arn));
+    }
+    if let Some(path) = &ctx.aws_role_path {
+        // arn:aws:iam::123456789012:role/latchkey/ci/deploy → /latchkey/ci/
+        let role_path = raw.role_arn.split_once(":role").map(|(_, r)| &r[..=r.rfind('/').unwrap_or(0)]);
+        if role_path.is_some_and(|p| !p.starts_with(path.as_str())) {
+            errors.push(format!(
+                "role_arn `{}` is outside the IAM path {path} that [backends.aws] role_path allows",
+                raw.role_arn
+            ));
+        }
     }
     if raw.policy_arns.len() > MAX_POLICY_ARNS {
         errors.push(format!("`policy_arns` lists {}; STS takes at most {MAX_POLICY_ARNS}", raw.policy_arns.len()));

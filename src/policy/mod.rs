@@ -24,6 +24,8 @@ pub struct LoadContext {
     pub backends: Vec<BackendKind>,
     /// Configured GitHub app ids (`[[backends.github]] id`); the first is the default.
     pub github_apps: Vec<String>,
+    /// `[backends.aws] role_path`: every `role_arn` must live under it.
+    pub aws_role_path: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -121,3 +121,133 @@ impl OidcPeer {
             .unwrap_or_else(|e| panic!("the OIDC peer's answer to {url} is not JSON ({e}): {body}"))
     }
 }
+
+/// Set by `scripts/test.sh` to moto's URL, `http://127.0.0.1:PORT`; the broker's IAM user's keys
+/// are in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, found by the standard credential chain.
+pub const AWS_URL_VAR: &str = "LATCHKEY_TEST_AWS_URL";
+
+/// AWS STS and IAM: PyPI `moto[server]`, with IAM enforcement on. Every test makes its own roles
+/// (under `/latchkey/`, with a unique name), as tests share the server.
+#[derive(Debug, Clone)]
+pub struct AwsPeer {
+    pub url: String,
+    /// IAM as the broker's user.
+    pub iam: aws_sdk_iam::Client,
+}
+
+impl AwsPeer {
+    pub async fn from_env() -> Option<AwsPeer> {
+        let url = peer_var(AWS_URL_VAR, "AWS (moto)")?;
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&url)
+            .load()
+            .await;
+        Some(AwsPeer { url, iam: aws_sdk_iam::Client::new(&config) })
+    }
+
+    /// `[backends.aws]` pointing at this peer.
+    pub fn config(&self) -> String {
+        format!("[backends.aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nrole_path = \"/latchkey/\"\n", self.url)
+    }
+
+    /// A new role under `/latchkey/` that the broker may assume, set its source identity on and
+    /// tag, allowed to list IAM roles (the call tests make with its sessions). Returns its ARN.
+    pub async fn create_role(&self, prefix: &str) -> String {
+        let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let trust = json!({ "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow",
+            "Principal": { "AWS": "arn:aws:iam::123456789012:user/latchkey-broker" },
+            "Action": ["sts:AssumeRole", "sts:SetSourceIdentity", "sts:TagSession"],
+        }]});
+        let role = self
+            .iam
+            .create_role()
+            .role_name(&name)
+            .path("/latchkey/")
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .expect("moto creates the role");
+        let allow = json!({ "Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": ["iam:ListRoles", "iam:GetRole"], "Resource": "*",
+        }]});
+        self.iam
+            .put_role_policy()
+            .role_name(&name)
+            .policy_name("work")
+            .policy_document(allow.to_string())
+            .send()
+            .await
+            .expect("moto takes the role's policy");
+        role.role().expect("a role").arn().to_owned()
+    }
+
+    /// The role's `latchkey-revocations` policy document, or `None` when it has none.
+    pub async fn revocation_policy(&self, role_arn: &str) -> Option<Value> {
+        let name = role_arn.rsplit('/').next().unwrap();
+        let answer = self.iam.get_role_policy().role_name(name).policy_name("latchkey-revocations").send().await;
+        match answer {
+            Ok(out) => {
+                let text = out.policy_document();
+                let decoded = if text.starts_with('{') {
+                    text.to_owned()
+                } else {
+                    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
+                        .next()
+                        .unwrap()
+                        .1
+                        .into_owned()
+                };
+                Some(serde_json::from_str(&decoded).expect("a JSON policy"))
+            }
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_entity_exception()) => None,
+            Err(e) => panic!("GetRolePolicy on {name}: {e:?}"),
+        }
+    }
+
+    /// Calls `iam:ListRoles` with the session a credential object describes: `Ok` when IAM lets
+    /// the session through, `Err` with the service's error code when it refuses it.
+    pub async fn call_as(&self, credential: &Value) -> Result<(), String> {
+        let creds = aws_sdk_iam::config::Credentials::new(
+            credential["access_key_id"].as_str().unwrap(),
+            credential["secret_access_key"].as_str().unwrap(),
+            credential["session_token"].as_str().map(str::to_owned),
+            None,
+            "latchkey-test",
+        );
+        let config = aws_sdk_iam::Config::builder()
+            .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
+            .region(aws_sdk_iam::config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(creds)
+            .build();
+        match aws_sdk_iam::Client::from_conf(config).list_roles().send().await {
+            Ok(_) => Ok(()),
+            // moto's IAM refusals do not always parse as IAM errors: keep the raw answer too.
+            Err(e) => Err(match e.as_service_error().and_then(|e| e.meta().code()) {
+                Some(code) => code.to_owned(),
+                None => format!("{e:?}"),
+            }),
+        }
+    }
+
+    /// `sts:GetCallerIdentity` with the session: its ARN (`…:assumed-role/ROLE/SESSION`).
+    pub async fn caller_arn(&self, credential: &Value) -> String {
+        let creds = aws_sdk_sts::config::Credentials::new(
+            credential["access_key_id"].as_str().unwrap(),
+            credential["secret_access_key"].as_str().unwrap(),
+            credential["session_token"].as_str().map(str::to_owned),
+            None,
+            "latchkey-test",
+        );
+        let config = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(creds)
+            .build();
+        let answer = aws_sdk_sts::Client::from_conf(config).get_caller_identity().send().await.unwrap();
+        answer.arn().unwrap().to_owned()
+    }
+}

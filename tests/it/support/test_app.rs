@@ -349,8 +349,14 @@ impl TestApp {
     }
 
     /// A valid subject token for `acme/widgets` on `main`, with overrides.
+    /// Its times follow the broker's clock, so a test that moves the clock still gets a fresh token.
     pub fn token(&self, overrides: Value) -> String {
-        self.issuer.token(overrides)
+        let now = latchkey::app::Clock::now(&*self.clock).timestamp();
+        let mut claims = json!({ "iat": now, "nbf": now, "exp": now + 300 });
+        for (k, v) in overrides.as_object().cloned().unwrap_or_default() {
+            claims[k] = v;
+        }
+        self.issuer.token(claims)
     }
 
     /// `POST /v1/token` with the form encoding.
