@@ -2,9 +2,11 @@
 
 mod admin_key;
 mod dev;
+mod exchange;
 mod init;
 mod migrate;
 mod policy;
+mod release;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +41,10 @@ enum Command {
     Policy(policy::Args),
     /// Manage admin keys.
     AdminKey(admin_key::Args),
+    /// Trade this CI job's OIDC token for a capability's credentials.
+    Exchange(exchange::Args),
+    /// Give an exchange's credentials back before they expire.
+    Release(release::Args),
 }
 
 impl Cli {
@@ -50,6 +56,8 @@ impl Cli {
             Command::Migrate(a) => migrate::run(a).await,
             Command::Policy(a) => policy::run(a),
             Command::AdminKey(a) => admin_key::run(a),
+            Command::Exchange(a) => exchange::run(a).await,
+            Command::Release(a) => release::run(a).await,
         }
     }
 }

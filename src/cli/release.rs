@@ -1,0 +1,37 @@
+//! `latchkey release`: give an exchange's credentials back before they expire.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use secrecy::SecretString;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The exchange to release (`exchange_id` of the exchange's answer).
+    exchange_id: String,
+    /// The broker's URL.
+    #[arg(long, env = "LATCHKEY_URL")]
+    url: String,
+    /// Read the release token from this file; otherwise from LATCHKEY_RELEASE_TOKEN.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let token = match &args.token_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => std::env::var("LATCHKEY_RELEASE_TOKEN").unwrap_or_default(),
+    };
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("no release token: pass --token-file FILE or set LATCHKEY_RELEASE_TOKEN");
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let url = args.url.trim_end_matches('/');
+    super::exchange::release(&http, url, &args.exchange_id, &SecretString::from(token)).await?;
+    eprintln!("latchkey: released exchange {}", args.exchange_id);
+    Ok(ExitCode::SUCCESS)
+}
