@@ -236,6 +236,7 @@ fn every_policy_snippet_loads_and_admits_the_example() {
             .into(),
             backends: vec![BackendKind::Jwt],
             github_apps: Vec::new(),
+            vault_policies: None,
         };
         let set = PolicySet::load_dir(dir.path(), &ctx).unwrap_or_else(|e| panic!("{at}: policy does not load: {e:?}"));
         assert_eq!(set.policies["snippet"].issuer, id, "{at}: policy must name issuer {id}");

@@ -1,6 +1,7 @@
 //! Backends mint and revoke one kind of credential each.
 
 pub mod jwt;
+pub mod vault;
 
 use std::fmt;
 
@@ -84,6 +85,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Revokes one credential; `handle` is the unsealed handle recorded at mint. Already revoked
     /// or expired counts as done.
     async fn revoke(&self, credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError>;
+
+    /// Starts the backend's own background work, if it has any (the `vault` backend keeps its
+    /// login alive). Called once, with the other background loops.
+    fn spawn_maintenance(&self) {}
 }
 
 /// Base64 (standard, padded) SHA-256 of a secret.

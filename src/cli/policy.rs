@@ -62,6 +62,7 @@ fn load_context(args: &Args) -> anyhow::Result<Loaded> {
             .into(),
             backends: vec![BackendKind::Github, BackendKind::Aws, BackendKind::Vault, BackendKind::Jwt],
             github_apps: vec!["default".into()],
+            vault_policies: None,
         },
     };
     let dir = match (&args.dir, &config) {

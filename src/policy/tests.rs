@@ -23,6 +23,7 @@ fn ctx() -> LoadContext {
         ]),
         backends: vec![BackendKind::Github, BackendKind::Aws, BackendKind::Vault, BackendKind::Jwt],
         github_apps: vec!["default".to_owned(), "other".to_owned()],
+        vault_policies: None,
     }
 }
 
