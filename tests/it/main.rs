@@ -9,3 +9,4 @@ mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;
 mod support;
+mod vault;
