@@ -422,6 +422,39 @@ async fn the_token_file_is_renewed_past_half_its_ttl_and_read_again_when_replace
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
 }
 
+#[tokio::test]
+async fn everything_happens_inside_the_configured_namespace() {
+    let Some(peer) = VaultPeer::from_env() else { return };
+    let name = format!("lk{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let ns = peer.new_namespace(&name).await;
+    let s = ns.setup().await;
+    let files = Files::new();
+    let cap = s.prefix.clone();
+    let broker = ns.broker_token(&s.broker_policy, "1h").await;
+    let path = files.write("vault-token", &broker);
+    let config = format!("{}namespace = \"{name}\"\n", token_file_config(&peer, &s.role, &path));
+    let t = TestApp::builder()
+        .no_background()
+        .policy(&format!("{cap}.toml"), &policy(&token_grant(&[&s.read_policy])))
+        .config(&config)
+        .start()
+        .await;
+    // The role exists only inside the namespace, so this shows it was read there: a policy
+    // outside it does not load.
+    std::fs::write(t.policy_dir().join("outside.toml"), policy(&token_grant(&[&s.outside_policy]))).unwrap();
+    assert!(!latchkey::worker::reload_policies(&t.app).await);
+    std::fs::remove_file(t.policy_dir().join("outside.toml")).unwrap();
+
+    let a = t.exchange(&t.token(json!({})), &cap).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let token = a.body["access_token"].as_str().unwrap();
+    let looked = ns.lookup_token(token).await.expect("a token of the namespace");
+    assert_eq!(looked["policies"], json!([s.read_policy]));
+    t.clock.advance(Duration::minutes(11));
+    latchkey::worker::run_jobs(&t.app).await.unwrap();
+    assert!(ns.lookup_token(token).await.is_none(), "revoked inside the namespace");
+}
+
 /// A writer that keeps everything logged.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);

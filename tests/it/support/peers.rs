@@ -137,6 +137,8 @@ pub struct VaultPeer {
     url: String,
     root: String,
     http: reqwest::Client,
+    /// Sent as `X-Vault-Namespace` on every call, when set.
+    namespace: Option<String>,
 }
 
 /// One test's corner of the shared OpenBao server.
@@ -162,7 +164,13 @@ impl VaultPeer {
     pub fn from_env() -> Option<VaultPeer> {
         let url = peer_url(VAULT_URL_VAR, "Vault")?;
         let root = peer_url(VAULT_TOKEN_VAR, "Vault")?;
-        Some(VaultPeer { url, root, http: http_client() })
+        Some(VaultPeer { url, root, http: http_client(), namespace: None })
+    }
+
+    /// Creates namespace `name` and returns a handle whose calls all go into it.
+    pub async fn new_namespace(&self, name: &str) -> VaultPeer {
+        self.root("POST", &format!("sys/namespaces/{name}"), Some(json!({}))).await;
+        VaultPeer { namespace: Some(name.to_owned()), ..self.clone() }
     }
 
     pub fn url(&self) -> &str {
@@ -174,6 +182,9 @@ impl VaultPeer {
         let url = format!("{}/v1/{path}", self.url);
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut request = self.http.request(method.clone(), &url).header("X-Vault-Token", token);
+        if let Some(ns) = &self.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
