@@ -687,6 +687,27 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.ca_file = Some("ca.pem".into());
+        let build = |c: &VaultConfig| {
+            VaultBackend::new(c, |p| dir.path().join(p), Duration::from_secs(1), ManualClock::new(Utc::now()))
+        };
+        assert!(build(&c).unwrap_err().to_string().contains("cannot read ca_file"));
+        std::fs::write(dir.path().join("ca.pem"), "not a certificate").unwrap();
+        assert!(build(&c).is_err());
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=vault.test"])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl makes the test CA");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        build(&c).expect("a PEM certificate is accepted as the only root");
+    }
+
+    #[test]
     fn refusals_and_outages_map_to_their_backend_errors() {
         let status = |s: u16| VaultError::Status {
             method: Method::POST,

@@ -78,6 +78,27 @@ fn token_at(t: &TestApp) -> String {
     t.token(json!({ "iat": now, "nbf": now, "exp": now + 300 }))
 }
 
+/// What the other tests rely on: leases from the `leased` PKI role only, and a broker policy that
+/// reads the role but grants nothing else.
+#[tokio::test]
+async fn the_openbao_peer_behaves_as_the_tests_assume() {
+    let Some(peer) = VaultPeer::from_env() else { return };
+    let s = peer.setup().await;
+    let issue = |role: &str| (format!("{}/issue/{role}", s.pki), json!({ "common_name": "a.latchkey.test" }));
+    let (path, body) = issue("leased");
+    let leased = peer.root("POST", &path, Some(body)).await;
+    assert!(!leased["lease_id"].as_str().unwrap().is_empty(), "{leased}");
+    let (path, body) = issue("unleased");
+    let unleased = peer.root("POST", &path, Some(body)).await;
+    assert_eq!(unleased["lease_id"], "", "{unleased}");
+    let broker = peer.broker_token(&s.broker_policy, "1h").await;
+    let (status, role) = peer.call(&broker, "GET", &format!("auth/token/roles/{}", s.role), None).await;
+    assert_eq!(status, 200, "{role}");
+    assert_eq!(role["data"]["orphan"], true);
+    let (status, _) = peer.call(&broker, "GET", "sys/policies/acl", None).await;
+    assert_eq!(status, 403, "the broker policy grants nothing beyond its paths");
+}
+
 #[tokio::test]
 async fn a_token_grant_works_at_openbao_with_exactly_its_policies_and_is_revoked_at_ttl() {
     let Some(peer) = VaultPeer::from_env() else { return };
