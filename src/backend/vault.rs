@@ -261,6 +261,9 @@ impl Inner {
         // reqwest's message names the URL, which holds no secret; the headers are not in it.
         let response = request.send().await.map_err(|e| VaultError::Unreachable(format!("{}: {e}", self.address)))?;
         let status = response.status();
+        if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+            return Err(VaultError::BadAnswer(path.to_owned(), "the answer is too large".into()));
+        }
         let bytes = response.bytes().await.map_err(|e| VaultError::Unreachable(format!("{}: {e}", self.address)))?;
         if bytes.len() > MAX_ANSWER_BYTES {
             return Err(VaultError::BadAnswer(path.to_owned(), format!("{} bytes is too large", bytes.len())));
