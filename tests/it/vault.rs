@@ -248,6 +248,20 @@ async fn a_policy_naming_a_vault_policy_outside_the_role_fails_to_load() {
     // `root` is refused whatever the role says.
     std::fs::write(t.policy_dir().join(&bad), policy(&token_grant(&["root"]))).unwrap();
     assert!(!latchkey::worker::reload_policies(&t.app).await);
+
+    // At start-up too: a broker with this policy directory does not start.
+    std::fs::write(t.policy_dir().join(&bad), policy(&token_grant(&[&s.outside_policy]))).unwrap();
+    let mut config = t.app.config.clone();
+    config.store.url = format!("sqlite://{}", files.0.path().join("second.db").display());
+    let options = latchkey::server::Options {
+        clock: t.clock.clone(),
+        migrate: true,
+        dev_issuer: None,
+        sealer: Some(latchkey::seal::Sealer::from_bytes(&[9; 32])),
+        backends: Vec::new(),
+    };
+    let err = latchkey::server::build(config, options).await.expect_err("the policy set does not load");
+    assert!(format!("{err:#}").contains(&s.outside_policy), "{err:#}");
 }
 
 /// Without read access to the role the check moves to mint time, where Vault refuses.
