@@ -546,3 +546,21 @@ async fn no_vault_token_reaches_the_logs_or_the_audit_trail() {
     }
     assert!(audit.contains(c["fingerprint"].as_str().unwrap()), "the fingerprint is what the audit keeps");
 }
+
+#[tokio::test]
+async fn a_token_role_that_does_not_make_orphans_is_logged_as_an_error() {
+    let Some(peer) = VaultPeer::from_env() else { return };
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let installed = tracing_subscriber::fmt().with_writer(move || writer.clone()).try_init().is_ok();
+    if !installed {
+        eprintln!("skipped: another test installed the global log subscriber first");
+        return;
+    }
+    let s = peer.setup().await;
+    peer.root("POST", &format!("auth/token/roles/{}", s.role), Some(json!({ "orphan": false }))).await;
+    let files = Files::new();
+    let (_t, _) = start(&peer, &s, &files, TestApp::builder().no_background()).await;
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("ERROR") && logs.contains("orphan = false"), "{logs}");
+}
