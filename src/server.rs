@@ -12,17 +12,19 @@ use crate::backend::Backend;
 use crate::backend::aws::AwsBackend;
 use crate::backend::github::GithubBackend;
 use crate::backend::jwt::JwtBackend;
+use crate::backend::vault::VaultBackend;
 use crate::config::Config;
 use crate::http::DevIssuer;
 use crate::metrics::Metrics;
 use crate::oidc::{StaticKeySource, Verifier};
-use crate::policy::{BackendKind, IssuerInfo, LoadContext, PolicySet};
+use crate::policy::{BackendKind, IssuerInfo, LoadContext, PolicySet, VaultPolicyLimits};
 use crate::seal::Sealer;
 
 /// Kill rules older than this make `/readyz` unready.
 pub const KILL_FRESHNESS: Duration = Duration::from_secs(2);
 
-/// What the policy loader needs from the configuration.
+/// What the policy loader needs from the configuration. Vault's token role is not read here
+/// (`policy check` works offline): see [`app_policy_context`].
 pub fn policy_context(config: &Config) -> LoadContext {
     let mut backends = Vec::new();
     if !config.backends.github.is_empty() {
@@ -49,7 +51,37 @@ pub fn policy_context(config: &Config) -> LoadContext {
         backends,
         github_apps: config.backends.github.iter().map(|a| a.id.clone()).collect(),
         aws_role_path: config.backends.aws.as_ref().and_then(|a| a.role_path.clone()),
+        vault_policies: None,
     }
+}
+
+/// The policy loader's context for a running broker: the configuration plus what start-up
+/// learnt from the backends (the Vault token role's allowed policies).
+pub fn app_policy_context(app: &App) -> LoadContext {
+    LoadContext { vault_policies: app.vault_policies.clone(), ..policy_context(&app.config) }
+}
+
+/// Builds the Vault backend and reads its token role. Vault being down does not stop the
+/// broker: its grants then fail at mint (503) until it is back, and policies are checked
+/// against the role at mint instead of at load.
+async fn build_vault(
+    config: &Config,
+    vault: &crate::config::VaultConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(Arc<dyn Backend>, Option<VaultPolicyLimits>)> {
+    let backend = VaultBackend::new(vault, |p| config.resolve(p), config.limits.outbound_timeout, clock)
+        .context("configuring the vault backend")?;
+    let limits = match backend.read_role().await {
+        Ok(facts) => Some(facts.limits),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot read the Vault token role; token grants' policies are checked when minted instead"
+            );
+            None
+        }
+    };
+    Ok((Arc::new(backend), limits))
 }
 
 /// Options that differ between `serve`, `dev` and tests.
@@ -107,11 +139,20 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         let backend = AwsBackend::new(aws, config.limits.outbound_timeout, clock.clone()).await;
         backends.insert(BackendKind::Aws, Arc::new(backend));
     }
+    let mut vault_policies = None;
+    if let Some(vault) = &config.backends.vault
+        && !injected.contains(&BackendKind::Vault)
+    {
+        let (backend, limits) = build_vault(&config, vault, clock.clone()).await?;
+        backends.insert(BackendKind::Vault, backend);
+        vault_policies = limits;
+    }
     for backend in options.backends {
         backends.insert(backend.kind(), backend);
     }
     let policy_dir = config.resolve(&config.policies.dir);
-    let policies = PolicySet::load_dir(&policy_dir, &policy_context(&config)).map_err(|errors| {
+    let context = LoadContext { vault_policies: vault_policies.clone(), ..policy_context(&config) };
+    let policies = PolicySet::load_dir(&policy_dir, &context).map_err(|errors| {
         let list: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
         anyhow::anyhow!("policies in {} do not load:\n{}", policy_dir.display(), list.join("\n"))
     })?;
@@ -124,6 +165,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         policies: Swap::new(policies),
         kills: Swap::new(KillSnapshot { state: kill_state, loaded_at: now }),
         backends,
+        vault_policies,
         jwt,
         sealer,
         metrics: Metrics::new(),

@@ -27,6 +27,9 @@ const RECONCILE_AFTER: Duration = Duration::from_secs(120);
 
 /// Starts every background loop. They run until the runtime shuts down.
 pub fn spawn_all(app: &AppState) {
+    for backend in app.backends.values() {
+        backend.spawn_maintenance();
+    }
     let a = app.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -270,7 +273,7 @@ async fn watch_policies(app: AppState, mut last: BTreeMap<PathBuf, (u64, Option<
 pub async fn reload_policies(app: &App) -> bool {
     let dir = app.config.resolve(&app.config.policies.dir);
     let now = app.clock.now();
-    match PolicySet::load_dir(&dir, &crate::server::policy_context(&app.config)) {
+    match PolicySet::load_dir(&dir, &crate::server::app_policy_context(app)) {
         Ok(set) => {
             let mut event = AuditEvent::new("policy.reloaded", now);
             event.actor = Some("system".into());

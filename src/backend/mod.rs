@@ -3,6 +3,7 @@
 pub mod aws;
 pub mod github;
 pub mod jwt;
+pub mod vault;
 
 use std::fmt;
 
@@ -109,6 +110,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     async fn maintain(&self, _upkeep: &Upkeep<'_>) -> Result<(), BackendError> {
         Ok(())
     }
+
+    /// Starts the backend's own background work, if it has any (the `vault` backend keeps its
+    /// login alive). Called once, with the other background loops.
+    fn spawn_maintenance(&self) {}
 }
 
 /// What [`Backend::maintain`] gets to look at.

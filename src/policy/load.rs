@@ -364,7 +364,7 @@ fn compile_grant(
     let spec = match kind {
         BackendKind::Github => github_grant(table, ctx),
         BackendKind::Aws => aws_grant(table, base_dir, ctx),
-        BackendKind::Vault => vault_grant(table),
+        BackendKind::Vault => vault_grant(table, ctx),
         BackendKind::Jwt => jwt_grant(table),
     };
     match spec {
@@ -591,7 +591,7 @@ struct RawVault {
     revocable: Option<bool>,
 }
 
-fn vault_grant(table: toml::Table) -> Result<GrantSpec, Vec<String>> {
+fn vault_grant(table: toml::Table, ctx: &LoadContext) -> Result<GrantSpec, Vec<String>> {
     let raw: RawVault = fields(table)?;
     let mut errors = Vec::new();
     let not_for = |errors: &mut Vec<String>, field: &str, present: bool, kind: &str| {
@@ -615,6 +615,13 @@ fn vault_grant(table: toml::Table) -> Result<GrantSpec, Vec<String>> {
                     errors.push("the `root` policy is never granted".to_owned());
                 } else if p.trim().is_empty() {
                     errors.push("an empty policy name".to_owned());
+                } else if let Some(limits) = &ctx.vault_policies
+                    && !limits.permits(p)
+                {
+                    errors.push(format!(
+                        "policy `{p}` is not allowed by the Vault token role (allowed: {})",
+                        limits.describe()
+                    ));
                 }
             }
             if raw.num_uses == Some(0) {
@@ -628,6 +635,10 @@ fn vault_grant(table: toml::Table) -> Result<GrantSpec, Vec<String>> {
             let path = raw.path.unwrap_or_default();
             if path.trim_matches('/').is_empty() {
                 errors.push("`path` is required for kind = \"secret\"".to_owned());
+            } else if path.contains(['?', '#', '%']) || path.chars().any(char::is_whitespace) {
+                errors.push(format!("path `{path}`: a Vault path has no query, fragment, escapes or spaces"));
+            } else if path.split('/').any(|s| s == "." || s == "..") {
+                errors.push(format!("path `{path}`: `.` and `..` segments are not allowed"));
             }
             let method = match raw.method.as_deref() {
                 None | Some("read") => VaultMethod::Read,

@@ -26,6 +26,62 @@ pub struct LoadContext {
     pub github_apps: Vec<String>,
     /// `[backends.aws] role_path`: every `role_arn` must live under it.
     pub aws_role_path: Option<String>,
+    /// What the Vault token role lets a token carry, when the broker could read the role at
+    /// start-up. `None`: not known here, so the check happens at mint instead.
+    pub vault_policies: Option<VaultPolicyLimits>,
+}
+
+/// The policy limits of a Vault token role (`auth/token/roles/<role>`), with Vault's meaning:
+/// a token may carry a policy that the allowed lists name (exactly or by a `*` glob) and the
+/// disallowed lists do not. With both allowed lists empty Vault falls back to the creating
+/// token's own policies, which the broker cannot see: then only the disallowed lists count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VaultPolicyLimits {
+    pub allowed: Vec<String>,
+    pub allowed_glob: Vec<String>,
+    pub disallowed: Vec<String>,
+    pub disallowed_glob: Vec<String>,
+}
+
+impl VaultPolicyLimits {
+    /// Whether a token minted through the role may carry `policy`. `root` never may.
+    pub fn permits(&self, policy: &str) -> bool {
+        // Vault lowercases policy names.
+        let policy = policy.trim().to_ascii_lowercase();
+        let named = |list: &[String]| list.iter().any(|p| p.eq_ignore_ascii_case(&policy));
+        let globbed = |list: &[String]| list.iter().any(|g| vault_glob(&g.to_ascii_lowercase(), &policy));
+        if policy == "root" || named(&self.disallowed) || globbed(&self.disallowed_glob) {
+            return false;
+        }
+        if self.allowed.is_empty() && self.allowed_glob.is_empty() {
+            return true;
+        }
+        // Vault adds `default` to a role's allowed list by itself.
+        policy == "default" || named(&self.allowed) || globbed(&self.allowed_glob)
+    }
+
+    /// The allowed list as an operator would read it, for error messages.
+    pub fn describe(&self) -> String {
+        let all: Vec<&str> = self.allowed.iter().chain(&self.allowed_glob).map(String::as_str).collect();
+        if all.is_empty() { "the broker token's own policies".to_owned() } else { all.join(", ") }
+    }
+}
+
+/// Vault's policy globs: `*` matches any run of characters (slashes included), nothing else is
+/// special.
+fn vault_glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 #[derive(Debug, Clone)]

@@ -523,6 +523,50 @@ fn vault_grant_checks() {
 }
 
 #[test]
+fn vault_secret_paths_stay_paths() {
+    for (path, want) in [("kv/x?list=true", "no query"), ("kv/../sys/x", "segments"), ("kv/a b", "no query")] {
+        let e = load_errors(&format!("{HEAD}{PIN}{VAULT}kind = \"secret\"\npath = \"{path}\"\n"));
+        assert!(e.contains(want), "{path}: {e}");
+    }
+}
+
+#[test]
+fn vault_token_policies_must_be_within_the_token_role_when_it_is_known() {
+    let text = format!("{HEAD}{PIN}{VAULT}kind = \"token\"\npolicies = [\"ci-read\", \"admin\"]\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "cap.toml", &text);
+    assert!(PolicySet::load_dir(dir.path(), &ctx()).is_ok(), "unknown role: checked at mint instead");
+    let limits = VaultPolicyLimits { allowed: vec!["ci-read".into()], ..Default::default() };
+    let ctx = LoadContext { vault_policies: Some(limits), ..ctx() };
+    let errors = PolicySet::load_dir(dir.path(), &ctx).expect_err("admin is outside the role");
+    let text = errors.iter().map(ToString::to_string).collect::<String>();
+    assert!(text.contains("policy `admin` is not allowed by the Vault token role (allowed: ci-read)"), "{text}");
+    assert!(!text.contains("`ci-read`"), "{text}");
+}
+
+#[test]
+fn vault_policy_limits_follow_vaults_rules() {
+    let limits = VaultPolicyLimits {
+        allowed: vec!["ci-read".into()],
+        allowed_glob: vec!["team-*-read".into()],
+        disallowed: vec!["team-secret-read".into()],
+        disallowed_glob: vec!["*-admin".into()],
+    };
+    assert!(limits.permits("ci-read"));
+    assert!(limits.permits("CI-Read"), "Vault lowercases policy names");
+    assert!(limits.permits("default"), "Vault allows `default` on every role");
+    assert!(limits.permits("team-a/b-read"), "a glob's `*` crosses slashes");
+    assert!(!limits.permits("team-secret-read"), "disallowed wins");
+    assert!(!limits.permits("team-x-admin"));
+    assert!(!limits.permits("ci-write"));
+    assert!(!limits.permits("root"));
+    let open = VaultPolicyLimits { disallowed: vec!["prod".into()], ..Default::default() };
+    assert!(open.permits("anything"), "no allowed list: the broker token's policies decide");
+    assert!(!open.permits("prod") && !open.permits("root"));
+    assert_eq!(open.describe(), "the broker token's own policies");
+}
+
+#[test]
 fn jwt_grant_checks() {
     for claim in ["iss", "sub", "aud", "exp", "nbf", "iat", "jti"] {
         let e = load_errors(&format!("{HEAD}{PIN}{JWT}claims = {{ {claim} = \"x\" }}\n"));

