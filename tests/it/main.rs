@@ -5,6 +5,7 @@
 
 mod cli;
 mod exchange;
+mod kill;
 mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;
