@@ -254,10 +254,16 @@ impl KillView {
 pub enum Created {
     Rule(Box<KillView>),
     /// Nothing was written but the `kill.dry_run` audit event.
-    DryRun {
-        selector: Selector,
-        would_match: DryRunReport,
-    },
+    DryRun(Box<DryRun>),
+}
+
+/// What a rule with this selector would reach now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DryRun {
+    /// Always true: tells a dry run's answer from a rule's.
+    pub dry_run: bool,
+    pub selector: Selector,
+    pub would_match: DryRunReport,
 }
 
 fn reason_of(reason: Option<&str>, required: bool) -> Result<Option<String>, KillSwitchError> {
@@ -304,7 +310,7 @@ pub async fn create(app: &App, req: KillRequest, caller: Caller<'_>) -> Result<C
         event.reason = Some(reason);
         event.detail = Some(json!({ "selector": req.selector, "would_match": would_match }));
         app.ledger.append_event(event).await.map_err(|e| KillSwitchError::Unavailable(e.to_string()))?;
-        return Ok(Created::DryRun { selector: req.selector, would_match });
+        return Ok(Created::DryRun(Box::new(DryRun { dry_run: true, selector: req.selector, would_match })));
     }
 
     let rule = KillRule {

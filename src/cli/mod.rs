@@ -1,10 +1,14 @@
 //! The command line: one `enum Command`, one file per subcommand.
 
 mod admin_key;
+mod client;
 mod dev;
 mod init;
+mod kill;
+mod kills;
 mod migrate;
 mod policy;
+mod revoke;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +43,12 @@ enum Command {
     Policy(policy::Args),
     /// Manage admin keys.
     AdminKey(admin_key::Args),
+    /// Kill-switch: refuse an identity new credentials and revoke what it holds (role security).
+    Kill(kill::Args),
+    /// List kill rules, show one with its revocation progress, or lift one.
+    Kills(kills::Args),
+    /// Revoke one credential now (role security).
+    Revoke(revoke::Args),
 }
 
 impl Cli {
@@ -50,6 +60,9 @@ impl Cli {
             Command::Migrate(a) => migrate::run(a).await,
             Command::Policy(a) => policy::run(a),
             Command::AdminKey(a) => admin_key::run(a),
+            Command::Kill(a) => kill::run(a).await,
+            Command::Kills(a) => kills::run(a).await,
+            Command::Revoke(a) => revoke::run(a).await,
         }
     }
 }

@@ -7,7 +7,6 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::admin::{authorize, request_id};
@@ -48,10 +47,7 @@ pub(super) async fn create(State(app): State<AppState>, req: Request) -> Respons
             let caller = Caller { key_name: &who.name, request_id: &rid };
             match killswitch::create(&app, r, caller).await.map_err(|e| ApiError::from_kill_switch(e, &rid))? {
                 Created::Rule(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
-                Created::DryRun { selector, would_match } => Ok(Json(json!({
-                    "dry_run": true, "selector": selector, "would_match": would_match,
-                }))
-                .into_response()),
+                Created::DryRun(report) => Ok(Json(report).into_response()),
             }
         }
         .await,
