@@ -470,3 +470,109 @@ async fn the_worker_drains_a_kill_by_itself() {
     }
     assert!(!introspect_active(&t, token).await);
 }
+
+/// Runs the real binary against a test server. Asynchronously: the server runs on this runtime.
+async fn cli(t: &TestApp, key: Option<&str>, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
+    c.args(args).env("LATCHKEY_URL", &t.url).env("RUST_LOG", "warn").env_remove("LATCHKEY_ADMIN_KEY");
+    if let Some(k) = key {
+        c.env("LATCHKEY_ADMIN_KEY", k);
+    }
+    let out = c.output().await.unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn the_cli_kills_waits_lists_shows_lifts_and_revokes() {
+    let t = TestApp::start().await;
+    let pr = exchange_pr(&t).await;
+    let token = pr.body["access_token"].as_str().unwrap().to_owned();
+
+    let (status, out, err) =
+        cli(&t, Some(SECURITY_KEY), &["kill", "--agent", "pr-*", "--reason", "check", "--dry-run", "--json"]).await;
+    assert!(status.success(), "{out}{err}");
+    let dry: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["would_match"]["totals"]["active"], 1, "{out}");
+    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules"), 0, "a dry run writes no rule");
+
+    let (status, out, err) = cli(
+        &t,
+        Some(SECURITY_KEY),
+        &[
+            "kill",
+            "--agent",
+            "pr-reviewer",
+            "--claim",
+            "actor=octo*",
+            "--reason",
+            "leaked",
+            "--wait",
+            "--timeout",
+            "20s",
+        ],
+    )
+    .await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("is in force"), "{out}");
+    let total = out.lines().find(|l| l.starts_with("total")).unwrap_or_default();
+    assert_eq!(total.split_whitespace().collect::<Vec<_>>(), ["total", "1", "1", "0", "0", "0"], "{out}");
+    assert!(!introspect_active(&t, &token).await, "--wait returned before the revocation was done");
+    assert_eq!(exchange_pr(&t).await.status, StatusCode::FORBIDDEN);
+
+    let (status, out, err) = cli(&t, Some(AUDITOR_KEY), &["kills"]).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(out.contains("agent=pr-reviewer claim.actor=octo*") && out.contains("leaked"), "{out}");
+    let (status, out, _) = cli(&t, Some(AUDITOR_KEY), &["kills", "--json"]).await;
+    assert!(status.success());
+    let id = serde_json::from_str::<Value>(&out).unwrap()["items"][0]["id"].as_str().unwrap().to_owned();
+
+    let (status, out, err) = cli(&t, Some(AUDITOR_KEY), &["kills", "show", &id]).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("state:") && out.contains("active") && out.contains("test-security"), "{out}");
+
+    let (status, out, err) = cli(&t, Some(AUDITOR_KEY), &["kills", "lift", &id, "--reason", "x"]).await;
+    assert!(!status.success());
+    assert!(err.contains("not allowed") && err.contains("security"), "{out}{err}");
+    let (status, out, err) = cli(&t, Some(SECURITY_KEY), &["kills", "lift", &id, "--reason", "false alarm"]).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("lifted"), "{out}");
+    let (status, _, err) = cli(&t, Some(SECURITY_KEY), &["kills", "lift", &id, "--reason", "again"]).await;
+    assert!(!status.success());
+    assert!(err.contains("already lifted"), "{err}");
+
+    let fresh = exchange_pr(&t).await;
+    assert_eq!(fresh.status, StatusCode::OK, "{}", fresh.text);
+    let cid = credential_id(&fresh);
+    let (status, out, err) = cli(&t, Some(SECURITY_KEY), &["revoke", &cid, "--reason", "rotate"]).await;
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("revocation queued"), "{out}");
+    let (status, out, _) = cli(&t, Some(SECURITY_KEY), &["revoke", &cid, "--json"]).await;
+    assert!(status.success());
+    assert!(serde_json::from_str::<Value>(&out).unwrap()["revocation"].is_string(), "{out}");
+}
+
+#[tokio::test]
+async fn the_cli_explains_keys_servers_and_claims_it_cannot_use() {
+    let t = TestApp::builder().no_background().start().await;
+    let (status, _, err) = cli(&t, None, &["kills"]).await;
+    assert!(!status.success());
+    assert!(err.contains("LATCHKEY_ADMIN_KEY"), "{err}");
+    let (status, _, err) = cli(&t, Some("lk_not_a_key"), &["kills"]).await;
+    assert!(!status.success());
+    assert!(err.contains("does not know the admin key"), "{err}");
+    let (status, _, err) = cli(&t, Some(AUDITOR_KEY), &["kill", "--all", "--reason", "x"]).await;
+    assert!(!status.success());
+    assert!(err.contains("not allowed") && err.contains("security"), "{err}");
+    let (status, _, err) = cli(&t, Some(SECURITY_KEY), &["kill", "--claim", "actor", "--reason", "x"]).await;
+    assert!(!status.success());
+    assert!(err.contains("NAME=GLOB"), "{err}");
+    let (status, _, err) = cli(&t, Some(SECURITY_KEY), &["kill", "--reason", "x"]).await;
+    assert!(!status.success());
+    assert!(err.contains("name what to kill"), "{err}");
+    let (status, _, err) = cli(&t, Some(SECURITY_KEY), &["kills", "--url", "http://127.0.0.1:1"]).await;
+    assert!(!status.success());
+    assert!(err.contains("cannot reach latchkey at http://127.0.0.1:1"), "{err}");
+    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules"), 0);
+}
