@@ -576,3 +576,22 @@ async fn the_cli_explains_keys_servers_and_claims_it_cannot_use() {
     assert!(err.contains("cannot reach latchkey at http://127.0.0.1:1"), "{err}");
     assert_eq!(count(&t, "SELECT count(*) FROM kill_rules"), 0);
 }
+
+#[tokio::test]
+async fn the_kill_switch_is_described_in_openapi() {
+    let t = TestApp::builder().no_background().start().await;
+    let o = t.get("/openapi.json", None).await;
+    for (path, method) in [
+        ("/v1/kills", "post"),
+        ("/v1/kills", "get"),
+        ("/v1/kills/{id}", "get"),
+        ("/v1/kills/{id}/lift", "post"),
+        ("/v1/credentials/{id}/revoke", "post"),
+    ] {
+        assert!(o.body["paths"][path].get(method).is_some(), "{method} {path} missing from openapi.json");
+    }
+    for schema in ["Selector", "KillRequest", "KillRule", "KillPage", "RevocationReport", "KillDryRun", "RevokeAnswer"]
+    {
+        assert!(o.body["components"]["schemas"].get(schema).is_some(), "{schema} missing");
+    }
+}
