@@ -79,6 +79,10 @@ pub struct App {
     pub admin_keys: AdminKeys,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Wakes the job worker before its next tick: a kill or a revocation request has just
+    /// enqueued jobs that should start within milliseconds. A notification sent while the worker
+    /// is busy is kept for its next wait, so none is lost.
+    pub jobs_wake: tokio::sync::Notify,
 }
 
 /// The shared handle on the [`App`] that axum hands to each handler.

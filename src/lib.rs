@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod kill;
+pub mod killswitch;
 pub mod ledger;
 pub mod metrics;
 pub mod oidc;

@@ -169,6 +169,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         jwt,
         sealer,
         metrics: Metrics::new(),
+        jobs_wake: tokio::sync::Notify::new(),
         config,
     };
     Ok(AppState(Arc::new(app)))
@@ -266,6 +267,10 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     app.verifier.refresh_all().await;
     if let Err(e) = crate::worker::reconcile(&app).await {
         tracing::warn!(error = %e, "start-up reconciliation could not reach the ledger");
+    }
+    // Rules that lapsed while no broker ran get their `kill.lapsed` event now.
+    if let Err(e) = crate::worker::record_lapses(&app).await {
+        tracing::warn!(error = %e, "could not record lapsed kill rules");
     }
     if background {
         crate::worker::spawn_all(&app);

@@ -44,7 +44,12 @@ pub fn spawn_all(app: &AppState) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            tick.tick().await;
+            // A kill or a revocation request wakes the worker at once; the tick picks up jobs
+            // that became due (TTL ends, retries) and those other replicas enqueued.
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = a.jobs_wake.notified() => {}
+            }
             match run_jobs(&a).await {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "job worker could not reach the ledger"),
@@ -59,6 +64,10 @@ pub fn spawn_all(app: &AppState) {
             if let Err(e) = reconcile(&a).await {
                 tracing::warn!(error = %e, "reconciler could not reach the ledger");
             }
+            // A fallback for lapses: `refresh_kills` records those of the rules it holds.
+            if let Err(e) = record_lapses(&a).await {
+                tracing::warn!(error = %e, "could not record lapsed kill rules");
+            }
             if let Err(e) = a.ledger.prune(a.clock.now()).await {
                 tracing::warn!(error = %e, "could not prune spent token ids");
             }
@@ -71,12 +80,27 @@ pub fn spawn_all(app: &AppState) {
     tokio::spawn(async move { watch_policies(a, baseline).await });
 }
 
-/// Reads the kill rules in force from the ledger into memory.
+/// Reads the kill rules in force from the ledger into memory. When a rule held in memory has
+/// passed its `expires_at`, its lapse is recorded first (once, whichever replica sees it first).
 pub async fn refresh_kills(app: &App) -> Result<(), LedgerError> {
     let now = app.clock.now();
+    let lapsed = app.kills.get().state.rules.iter().any(|r| r.expires_at.is_some_and(|e| e <= now));
+    if lapsed {
+        record_lapses(app).await?;
+    }
     let state = app.ledger.kill_state(now).await?;
     app.kills.set(KillSnapshot { state, loaded_at: now });
     Ok(())
+}
+
+/// Writes one `kill.lapsed` audit event for each rule whose expiry has passed and whose lapse is
+/// not yet recorded. Returns the rules that lapsed.
+pub async fn record_lapses(app: &App) -> Result<Vec<uuid::Uuid>, LedgerError> {
+    let lapsed = app.ledger.record_lapses(app.clock.now(), "system").await?;
+    for id in &lapsed {
+        tracing::info!(kill_id = %id, "kill.lapsed");
+    }
+    Ok(lapsed)
 }
 
 /// Claims due jobs and runs them with bounded concurrency. Returns how many ran.

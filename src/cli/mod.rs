@@ -1,12 +1,16 @@
 //! The command line: one `enum Command`, one file per subcommand.
 
 mod admin_key;
+mod client;
 mod dev;
 mod exchange;
 mod init;
+mod kill;
+mod kills;
 mod migrate;
 mod policy;
 mod release;
+mod revoke;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +49,12 @@ enum Command {
     Exchange(exchange::Args),
     /// Give an exchange's credentials back before they expire.
     Release(release::Args),
+    /// Kill-switch: refuse an identity new credentials and revoke what it holds (role security).
+    Kill(kill::Args),
+    /// List kill rules, show one with its revocation progress, or lift one.
+    Kills(kills::Args),
+    /// Revoke one credential now (role security).
+    Revoke(revoke::Args),
 }
 
 impl Cli {
@@ -58,6 +68,9 @@ impl Cli {
             Command::AdminKey(a) => admin_key::run(a),
             Command::Exchange(a) => exchange::run(a).await,
             Command::Release(a) => release::run(a).await,
+            Command::Kill(a) => kill::run(a).await,
+            Command::Kills(a) => kills::run(a).await,
+            Command::Revoke(a) => revoke::run(a).await,
         }
     }
 }

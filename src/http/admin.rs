@@ -65,7 +65,7 @@ pub(super) async fn authorize(
     result
 }
 
-fn request_id(req: &Request) -> String {
+pub(super) fn request_id(req: &Request) -> String {
     req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
 }
 

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::broker::ExchangeError;
+use crate::killswitch::KillSwitchError;
 
 /// An error answer: status, RFC 6749 error code, a short description and the request id.
 #[derive(Debug)]
@@ -40,6 +41,20 @@ impl ApiError {
 
     pub fn not_found(request_id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "no such resource", request_id)
+    }
+
+    /// The mapping of kill-switch errors: 400 / 404 / 409 / 503.
+    pub fn from_kill_switch(e: KillSwitchError, request_id: &str) -> Self {
+        match e {
+            KillSwitchError::Invalid(m) => Self::invalid_request(m, request_id),
+            KillSwitchError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "not_found", m, request_id),
+            KillSwitchError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m, request_id),
+            KillSwitchError::Unavailable(m) => {
+                // The detail is for the logs; the caller learns that nothing is known to have changed.
+                tracing::error!(error = %m, "kill-switch call failed on the store");
+                Self::unavailable("the store is unavailable; retry", request_id)
+            }
+        }
     }
 
     /// The mapping of exchange errors: 400 / 400 / 403 / 503.

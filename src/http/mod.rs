@@ -4,6 +4,7 @@
 mod admin;
 mod dev;
 pub mod error;
+mod kills;
 mod token;
 
 use std::time::Instant;
@@ -35,6 +36,10 @@ pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/audit", get(admin::audit))
         .route("/v1/explain", post(admin::explain))
+        .route("/v1/kills", post(kills::create).get(kills::list))
+        .route("/v1/kills/{id}", get(kills::show))
+        .route("/v1/kills/{id}/lift", post(kills::lift))
+        .route("/v1/credentials/{id}/revoke", post(kills::revoke))
         .with_state(app.clone());
     if app.config.server.admin_listen.is_none() {
         router = router.merge(ops_router(app.clone()));

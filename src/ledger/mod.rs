@@ -271,6 +271,61 @@ pub struct KillEffect {
     pub jobs: Vec<Uuid>,
 }
 
+/// A kill rule as stored, with what the store keeps beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredKill {
+    pub rule: KillRule,
+    /// The admin key that lifted the rule, and why.
+    pub lifted_by: Option<String>,
+    pub lift_reason: Option<String>,
+}
+
+/// One page of kill rules, oldest first. The cursor is the `(created_at, id)` of the last rule
+/// of the previous page: rules are only ever appended, so a page never shifts.
+#[derive(Debug, Clone, Default)]
+pub struct KillPage {
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    /// Rules created at or after `since` and before `until`.
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+/// One credential a kill rule reached: an active credential it gave a revocation job, or a
+/// pending one it marked `revoke_requested`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KillTarget {
+    pub credential_id: Uuid,
+    pub backend: BackendKind,
+    /// The credential's state now.
+    pub state: CredentialState,
+    /// Whether the rule enqueued a revocation job for it (else it marked a pending row).
+    pub has_job: bool,
+    /// How that job ended (`revoked`, `expired`, `failed`); `None` while it is not done.
+    pub job_outcome: Option<String>,
+}
+
+/// A live (pending or active) credential, as a dry run counts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveCredential {
+    pub credential_id: Uuid,
+    pub backend: BackendKind,
+    pub state: CredentialState,
+}
+
+/// What `POST /v1/credentials/{id}/revoke` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeRequest {
+    /// The credential was active: a revocation job was enqueued.
+    Queued,
+    /// The credential was active and a revocation job was already waiting: nothing changed.
+    AlreadyQueued,
+    /// The credential was pending: it was marked `revoke_requested` and can never become active.
+    Marked,
+    /// The credential had already ended (revoked, expired, failed): nothing changed.
+    Finished(CredentialState),
+}
+
 #[async_trait]
 pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// A refused exchange (bad request, rejected token, policy denial): the exchange row with its
@@ -338,6 +393,34 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
 
     /// The kill rules in force (not lifted, not lapsed at `now`) and the current epoch.
     async fn kill_state(&self, now: DateTime<Utc>) -> Result<KillState, LedgerError>;
+
+    /// The rules whose `expires_at` has passed at `now` and whose lapse was not yet recorded:
+    /// records it, with one `kill.lapsed` event per rule (naming `actor`), in one transaction.
+    /// A rule lapses in the audit trail exactly once, whichever replica or restart sees it first.
+    async fn record_lapses(&self, now: DateTime<Utc>, actor: &str) -> Result<Vec<Uuid>, LedgerError>;
+
+    /// Lifts a rule: sets `lifted_at` and bumps the kill epoch (so activations re-read the
+    /// rules), with its audit event. `NotFound` for an unknown rule, `Conflict` for one already
+    /// lifted or lapsed. Nothing is un-revoked.
+    async fn lift_kill(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        by: &str,
+        reason: &str,
+        event: AuditEvent,
+    ) -> Result<StoredKill, LedgerError>;
+
+    async fn kill_rule(&self, id: Uuid) -> Result<Option<StoredKill>, LedgerError>;
+    async fn kill_rules(&self, page: KillPage) -> Result<Vec<StoredKill>, LedgerError>;
+    /// Every credential a rule reached, for its revocation report.
+    async fn kill_targets(&self, id: Uuid) -> Result<Vec<KillTarget>, LedgerError>;
+    /// The live credentials a selector matches now, judged as [`Ledger::create_kill`] would.
+    async fn kill_matches(&self, selector: &crate::kill::Selector) -> Result<Vec<LiveCredential>, LedgerError>;
+
+    /// Revokes one credential on request, in one transaction with `event` (written only when
+    /// something changed): an active one gets `job`, a pending one is marked.
+    async fn request_revoke(&self, job: NewJob, event: AuditEvent) -> Result<RevokeRequest, LedgerError>;
 
     async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError>;
     /// Claims up to `limit` jobs due at `now`, hidden from other workers until `lease_until`.

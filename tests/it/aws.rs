@@ -119,6 +119,7 @@ async fn revoking_one_session_denies_it_by_source_identity_and_spares_other_role
     let c = credential(&t.exchange(&t.token(json!({})), "deploy-staging").await);
     let other = credential(&t.exchange(&t.token(json!({})), "other").await);
     assert_eq!(aws.call_as(&c).await, Ok(()));
+    let (row, handle) = row_and_handle(&t, &c).await;
 
     revoke_through_a_job(&t, &c).await;
     assert_eq!(t.credential_states(), [("active".to_owned(), 1), ("revoked".to_owned(), 1)]);
@@ -138,8 +139,9 @@ async fn revoking_one_session_denies_it_by_source_identity_and_spares_other_role
     assert_eq!(aws.call_as(&other).await, Ok(()));
     assert_eq!(aws.revocation_policy(&other_role).await, None);
 
-    // Revoking again changes nothing.
-    let (row, handle) = row_and_handle(&t, &c).await;
+    // The sealed handle is erased once the credential is revoked; revoking again changes nothing.
+    let stored = t.app.ledger.credential(row.id).await.unwrap().unwrap();
+    assert_eq!(stored.handle, None);
     let backend = t.app.backends.get(&BackendKind::Aws).unwrap();
     backend.revoke(&row, Some(&handle)).await.unwrap();
     assert_eq!(statements(&aws.revocation_policy(&role).await).len(), 1);

@@ -7,6 +7,7 @@ mod aws;
 mod cli;
 mod exchange;
 mod github;
+mod kill;
 mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;

@@ -10,7 +10,10 @@ use rusqlite::{ErrorCode, Row};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::super::{CredentialRow, CredentialState, ExchangeRow, ExchangeState, Job, JobKind, LedgerError, StoredKey};
+use super::super::{
+    CredentialRow, CredentialState, ExchangeRow, ExchangeState, Job, JobKind, KillTarget, LedgerError, StoredKey,
+    StoredKill,
+};
 use crate::audit::StoredEvent;
 use crate::kill::{KillRule, Selector};
 use crate::policy::BackendKind;
@@ -151,7 +154,7 @@ pub(super) fn credential_state(s: &str) -> Option<CredentialState> {
     })
 }
 
-fn backend(s: &str) -> Option<BackendKind> {
+pub(super) fn backend(s: &str) -> Option<BackendKind> {
     Some(match s {
         "github" => BackendKind::Github,
         "aws" => BackendKind::Aws,
@@ -253,6 +256,39 @@ pub(super) fn kill_rule_from_row(row: &Row<'_>) -> Result<KillRule, LedgerError>
         created_by: c.text(4, "created_by")?,
         expires_at: c.opt_time(5, "expires_at")?,
         lifted_at: c.opt_time(6, "lifted_at")?,
+    })
+}
+
+/// The columns of [`stored_kill_from_row`], in order: a rule's, then what is kept beside it.
+macro_rules! stored_kill_columns {
+    () => {
+        "id, selector, reason, created_at, created_by, expires_at, lifted_at, lifted_by, lift_reason"
+    };
+}
+pub(super) use stored_kill_columns;
+
+pub(super) fn stored_kill_from_row(row: &Row<'_>) -> Result<StoredKill, LedgerError> {
+    let rule = kill_rule_from_row(row)?;
+    let c = Cols::new(row, "kill_rules");
+    Ok(StoredKill { rule, lifted_by: c.opt_text(7, "lifted_by")?, lift_reason: c.opt_text(8, "lift_reason")? })
+}
+
+/// The columns of [`kill_target_from_row`]: a credential joined with its rule's job, if any.
+macro_rules! kill_target_columns {
+    () => {
+        "c.id, c.backend, c.state, j.id IS NOT NULL, j.outcome"
+    };
+}
+pub(super) use kill_target_columns;
+
+pub(super) fn kill_target_from_row(row: &Row<'_>) -> Result<KillTarget, LedgerError> {
+    let c = Cols::new(row, "credentials");
+    Ok(KillTarget {
+        credential_id: c.uuid(0, "id")?,
+        backend: backend(&c.text(1, "backend")?).ok_or_else(|| corrupt("credentials", "backend", "unknown"))?,
+        state: credential_state(&c.text(2, "state")?).ok_or_else(|| corrupt("credentials", "state", "unknown"))?,
+        has_job: c.bool(3, "job")?,
+        job_outcome: c.opt_text(4, "outcome")?,
     })
 }
 

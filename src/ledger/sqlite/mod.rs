@@ -36,10 +36,10 @@ use self::read::{BUSY_TIMEOUT, ReadPool};
 use self::writer::{ChainHead, Command, Writer};
 use super::{
     Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, Handle, Job, JobOutcome, KillEffect,
-    KillState, Ledger, LedgerError, NewJob, StoredKey,
+    KillPage, KillState, KillTarget, Ledger, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
-use crate::kill::KillRule;
+use crate::kill::{KillRule, Selector};
 
 /// Read connections: reads are short, and the writer is the bottleneck, not them.
 const READERS: usize = 4;
@@ -289,6 +289,61 @@ impl Ledger for SqliteLedger {
 
     async fn kill_state(&self, now: DateTime<Utc>) -> Result<KillState, LedgerError> {
         self.readers.run(move |c| read::kill_state(c, now)).await
+    }
+
+    async fn record_lapses(&self, now: DateTime<Utc>, actor: &str) -> Result<Vec<Uuid>, LedgerError> {
+        match self.write(Op::RecordLapses { now, actor: actor.to_owned() }).await? {
+            Reply::KillIds(ids) => Ok(ids),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn lift_kill(
+        &self,
+        kill_id: Uuid,
+        now: DateTime<Utc>,
+        by: &str,
+        reason: &str,
+        event: AuditEvent,
+    ) -> Result<StoredKill, LedgerError> {
+        let op = Op::LiftKill {
+            id: id(kill_id),
+            now: ts(now),
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            event: EventParams::new(&event),
+        };
+        match self.write(op).await? {
+            Reply::Kill(kill) => Ok(*kill),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn kill_rule(&self, kill_id: Uuid) -> Result<Option<StoredKill>, LedgerError> {
+        let kill_id = id(kill_id);
+        self.readers.run(move |c| read::kill_rule(c, &kill_id)).await
+    }
+
+    async fn kill_rules(&self, page: KillPage) -> Result<Vec<StoredKill>, LedgerError> {
+        self.readers.run(move |c| read::kill_rules(c, &page)).await
+    }
+
+    async fn kill_targets(&self, kill_id: Uuid) -> Result<Vec<KillTarget>, LedgerError> {
+        let kill_id = id(kill_id);
+        self.readers.run(move |c| read::kill_targets(c, &kill_id)).await
+    }
+
+    async fn kill_matches(&self, selector: &Selector) -> Result<Vec<LiveCredential>, LedgerError> {
+        let selector = selector.clone();
+        self.readers.run(move |c| read::kill_matches(c, &selector)).await
+    }
+
+    async fn request_revoke(&self, job: NewJob, event: AuditEvent) -> Result<RevokeRequest, LedgerError> {
+        let op = Op::RequestRevoke { job: JobParams::new(&job), event: EventParams::new(&event) };
+        match self.write(op).await? {
+            Reply::Revoke(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError> {

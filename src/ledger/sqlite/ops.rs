@@ -13,14 +13,14 @@ use uuid::Uuid;
 
 use super::codec::{
     self, credential_columns, exchange_columns, exec, id, job_columns, job_from_row, kill_rule_columns,
-    kill_rule_from_row, query_all, query_opt, ts, ts_opt,
+    kill_rule_from_row, query_all, query_opt, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
 };
 use super::writer::ChainHead;
 use crate::audit::{AuditEvent, canonical_body, chain_hash};
-use crate::kill::{KillRule, KillSubject};
+use crate::kill::{KillRule, KillSubject, Selector};
 use crate::ledger::{
-    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job, JobOutcome,
-    KillEffect, LedgerError, NewJob, StoredKey,
+    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job, JobKind,
+    JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 
 /// An exchange row as column values.
@@ -210,6 +210,21 @@ pub(super) enum Op {
         selector: String,
         event: EventParams,
     },
+    RecordLapses {
+        now: DateTime<Utc>,
+        actor: String,
+    },
+    LiftKill {
+        id: String,
+        now: String,
+        by: String,
+        reason: String,
+        event: EventParams,
+    },
+    RequestRevoke {
+        job: JobParams,
+        event: EventParams,
+    },
     EnqueueJobs(Vec<JobParams>),
     ClaimJobs {
         now: String,
@@ -295,6 +310,9 @@ pub(super) enum Reply {
     Moved(bool),
     Activation(Activation),
     KillEffect(KillEffect),
+    KillIds(Vec<Uuid>),
+    Kill(Box<StoredKill>),
+    Revoke(RevokeRequest),
     Jobs(Vec<Job>),
     Count(u64),
 }
@@ -389,6 +407,9 @@ impl Tx<'_> {
             }
             Op::Transition { id, from, to, event } => self.transition(&id, &from, to, &event),
             Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event),
+            Op::RecordLapses { now, actor } => self.record_lapses(now, &actor),
+            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event),
+            Op::RequestRevoke { job, event } => self.request_revoke(&job, &event),
             Op::EnqueueJobs(jobs) => {
                 for job in &jobs {
                     self.insert_job(job)?;
@@ -606,7 +627,7 @@ impl Tx<'_> {
         // What could not be revoked stays pending: the reconciler retries it, and a `failed` row
         // would claim that nothing is issued.
         for cid in pending.iter().filter(|c| !unrevoked.contains(c)) {
-            exec(self.conn, "UPDATE credentials SET state = 'failed' WHERE id = ?1", [cid])?;
+            exec(self.conn, "UPDATE credentials SET state = 'failed', handle = NULL WHERE id = ?1", [cid])?;
         }
         self.append(event)?;
         Ok(Applied::keep(Reply::Done))
@@ -626,10 +647,14 @@ impl Tx<'_> {
             return Ok(Applied::keep(Reply::Moved(false)));
         }
         let revoked_at = if to == CredentialState::Revoked { Some(event.at()?) } else { None };
+        // A credential that has ended needs no revocation handle any more: it is erased in the
+        // transaction that ends it (DESIGN "Sealing").
+        let ended = !matches!(to, CredentialState::Pending | CredentialState::Active);
         exec(
             self.conn,
-            "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at) WHERE id = ?1",
-            params![id, to.as_str(), revoked_at],
+            "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at), \
+             handle = CASE WHEN ?4 THEN NULL ELSE handle END WHERE id = ?1",
+            params![id, to.as_str(), revoked_at, ended],
         )?;
         self.append(event)?;
         Ok(Applied::keep(Reply::Moved(true)))
@@ -659,25 +684,28 @@ impl Tx<'_> {
         let mut effect = KillEffect::default();
         if rule.in_force(rule.created_at) {
             let run_at = ts(rule.created_at);
-            for exchange in self.live_exchanges()? {
-                if !exchange.matched_by(rule) {
+            for exchange in live_exchanges(self.conn)? {
+                if !exchange.matched_by(&rule.selector) {
                     continue;
                 }
-                for (cid, state) in &exchange.credentials {
+                for credential in &exchange.credentials {
+                    let cid = &credential.credential_id;
                     let cid_text = id(*cid);
-                    match state {
+                    match credential.state {
                         CredentialState::Pending => {
+                            // The first rule to mark a row is the one its report counts it under.
                             exec(
                                 self.conn,
-                                "UPDATE credentials SET revoke_requested = TRUE WHERE id = ?1",
-                                [&cid_text],
+                                "UPDATE credentials SET revoke_requested = TRUE, \
+                                 revoke_requested_by = COALESCE(revoke_requested_by, ?2) WHERE id = ?1",
+                                params![cid_text, rule_id],
                             )?;
                             effect.pending_marked.push(*cid);
                         }
                         _ => {
                             let job = JobParams {
                                 id: id(Uuid::now_v7()),
-                                kind: crate::ledger::JobKind::Revoke.as_str(),
+                                kind: JobKind::Revoke.as_str(),
                                 credential_id: cid_text,
                                 kill_id: Some(rule_id.clone()),
                                 run_at: run_at.clone(),
@@ -693,61 +721,109 @@ impl Tx<'_> {
         Ok(Applied::keep(Reply::KillEffect(effect)))
     }
 
-    /// Every exchange that holds pending or active credentials, as a kill subject.
-    fn live_exchanges(&self) -> Result<Vec<LiveExchange>, LedgerError> {
-        let rows = query_all(
+    /// Records the lapse of every rule whose expiry has passed, once: the flag and the event
+    /// are written together, and a rule whose flag is set is never looked at again.
+    fn record_lapses(&mut self, now: DateTime<Utc>, actor: &str) -> Result<Applied, LedgerError> {
+        let rules = query_all(
             self.conn,
-            "SELECT c.exchange_id, c.id, c.state, c.agent, c.capability, c.issuer, c.subject, c.repository, \
-             c.workflow, e.claims \
-             FROM credentials c JOIN exchanges e ON e.id = c.exchange_id \
-             WHERE c.state IN ('pending', 'active') \
-             ORDER BY c.exchange_id, c.id",
-            [],
-            |r| {
-                let c = codec::Cols::new(r, "credentials");
-                let state = codec::credential_state(&c.text(2, "state")?)
-                    .ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))?;
-                Ok((
-                    c.uuid(0, "exchange_id")?,
-                    c.uuid(1, "id")?,
-                    state,
-                    KillSubject {
-                        agent: c.text(3, "agent")?,
-                        capability: c.text(4, "capability")?,
-                        issuer: c.text(5, "issuer")?,
-                        subject: c.text(6, "subject")?,
-                        repository: c.opt_text(7, "repository")?,
-                        workflow: c.opt_text(8, "workflow")?,
-                        claims: serde_json::Map::new(),
-                        credentials: Vec::new(),
-                    },
-                    c.text(9, "claims")?,
-                ))
-            },
+            concat!(
+                "SELECT ",
+                kill_rule_columns!(),
+                " FROM kill_rules WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND lifted_at IS NULL \
+                 AND lapse_recorded = FALSE ORDER BY created_at, id"
+            ),
+            [ts(now)],
+            kill_rule_from_row,
         )?;
-        let mut out: Vec<LiveExchange> = Vec::new();
-        for (exchange_id, cid, state, subject, claims) in rows {
-            match out.last_mut() {
-                Some(last) if last.id == exchange_id => {
-                    last.subject.credentials.push(cid);
-                    last.credentials.push((cid, state));
-                }
-                _ => {
-                    let (claims, claims_readable) = match serde_json::from_str::<serde_json::Value>(&claims) {
-                        Ok(serde_json::Value::Object(map)) => (map, true),
-                        Ok(serde_json::Value::Null) => (serde_json::Map::new(), true),
-                        _ => (serde_json::Map::new(), false),
-                    };
-                    out.push(LiveExchange {
-                        id: exchange_id,
-                        subject: KillSubject { claims, credentials: vec![cid], ..subject },
-                        claims_readable,
-                        credentials: vec![(cid, state)],
-                    });
-                }
-            }
+        let mut lapsed = Vec::new();
+        for rule in rules {
+            let Some(expires_at) = rule.expires_at else { continue };
+            exec(self.conn, "UPDATE kill_rules SET lapse_recorded = TRUE WHERE id = ?1", [id(rule.id)])?;
+            // The event's time is when the rule lapsed, not when a refresher noticed.
+            let mut event = AuditEvent::new("kill.lapsed", expires_at);
+            event.actor = Some(actor.to_owned());
+            event.reason = Some(rule.reason.clone());
+            event.detail = Some(serde_json::json!({
+                "kill_id": rule.id,
+                "selector": rule.selector,
+                "created_by": rule.created_by,
+                "noticed_at": ts(now),
+            }));
+            self.append(&EventParams::new(&event))?;
+            lapsed.push(rule.id);
         }
-        Ok(out)
+        Ok(Applied::keep(Reply::KillIds(lapsed)))
+    }
+
+    /// Lifts a rule under the kill lock: the epoch moves, so an activation that judged with
+    /// the rule in memory re-reads the rules. Nothing that was revoked comes back.
+    fn lift_kill(
+        &mut self,
+        rule_id: &str,
+        now: &str,
+        by: &str,
+        reason: &str,
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let Some(stored) = self.stored_kill(rule_id)? else {
+            return Err(LedgerError::NotFound);
+        };
+        if let Some(at) = stored.rule.lifted_at {
+            let who = stored.lifted_by.as_deref().unwrap_or("unknown");
+            return Err(LedgerError::Conflict(format!("the rule was already lifted at {} by {who}", ts(at))));
+        }
+        let now_time = codec::parse_time(now).ok_or_else(|| LedgerError::Conflict(format!("bad time {now:?}")))?;
+        if let Some(at) = stored.rule.expires_at.filter(|e| *e <= now_time) {
+            return Err(LedgerError::Conflict(format!("the rule already lapsed at {}; nothing to lift", ts(at))));
+        }
+        exec(self.conn, "UPDATE kill_epoch SET epoch = epoch + 1 WHERE id = 1", [])?;
+        exec(
+            self.conn,
+            "UPDATE kill_rules SET lifted_at = ?2, lifted_by = ?3, lift_reason = ?4 WHERE id = ?1",
+            params![rule_id, now, by, reason],
+        )?;
+        self.append(event)?;
+        let lifted = self.stored_kill(rule_id)?.ok_or(LedgerError::NotFound)?;
+        Ok(Applied::keep(Reply::Kill(Box::new(lifted))))
+    }
+
+    fn stored_kill(&self, rule_id: &str) -> Result<Option<StoredKill>, LedgerError> {
+        query_opt(
+            self.conn,
+            concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = ?1"),
+            [rule_id],
+            stored_kill_from_row,
+        )
+    }
+
+    /// One credential revoked on request: an active one gets a revocation job (one at a time),
+    /// a pending one is marked so that its exchange can never activate it.
+    fn request_revoke(&mut self, job: &JobParams, event: &EventParams) -> Result<Applied, LedgerError> {
+        let Some(state) = self.credential_state(&job.credential_id)? else {
+            return Err(LedgerError::NotFound);
+        };
+        let answer = match state {
+            CredentialState::Active => {
+                let waiting = query_opt(
+                    self.conn,
+                    "SELECT 1 FROM jobs WHERE credential_id = ?1 AND kind = 'revoke' AND done_at IS NULL LIMIT 1",
+                    [&job.credential_id],
+                    |_| Ok(()),
+                )?;
+                if waiting.is_some() {
+                    return Ok(Applied::keep(Reply::Revoke(RevokeRequest::AlreadyQueued)));
+                }
+                self.insert_job(job)?;
+                RevokeRequest::Queued
+            }
+            CredentialState::Pending => {
+                exec(self.conn, "UPDATE credentials SET revoke_requested = TRUE WHERE id = ?1", [&job.credential_id])?;
+                RevokeRequest::Marked
+            }
+            ended => return Ok(Applied::keep(Reply::Revoke(RevokeRequest::Finished(ended)))),
+        };
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Revoke(answer)))
     }
 
     fn claim_jobs(&self, now: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {
@@ -818,7 +894,7 @@ impl Tx<'_> {
                 let revoked_at = if *state == CredentialState::Revoked { Some(event.at()?) } else { None };
                 exec(
                     self.conn,
-                    "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at) \
+                    "UPDATE credentials SET state = ?2, revoked_at = COALESCE(?3, revoked_at), handle = NULL \
                      WHERE id = (SELECT credential_id FROM jobs WHERE id = ?1) AND state IN ('pending', 'active')",
                     params![job_id, state.as_str(), revoked_at],
                 )?;
@@ -886,8 +962,67 @@ pub(super) fn rules_in_force(conn: &Connection, now: DateTime<Utc>) -> Result<Ve
     Ok(rules)
 }
 
+/// Every exchange that holds pending or active credentials, as a kill subject.
+pub(super) fn live_exchanges(conn: &Connection) -> Result<Vec<LiveExchange>, LedgerError> {
+    let rows = query_all(
+        conn,
+        "SELECT c.exchange_id, c.id, c.state, c.agent, c.capability, c.issuer, c.subject, c.repository, \
+         c.workflow, e.claims, c.backend \
+         FROM credentials c JOIN exchanges e ON e.id = c.exchange_id \
+         WHERE c.state IN ('pending', 'active') \
+         ORDER BY c.exchange_id, c.id",
+        [],
+        |r| {
+            let c = codec::Cols::new(r, "credentials");
+            let state = codec::credential_state(&c.text(2, "state")?)
+                .ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))?;
+            let backend = codec::backend(&c.text(10, "backend")?)
+                .ok_or_else(|| LedgerError::Corrupt("credentials.backend: unknown".into()))?;
+            Ok((
+                c.uuid(0, "exchange_id")?,
+                LiveCredential { credential_id: c.uuid(1, "id")?, backend, state },
+                KillSubject {
+                    agent: c.text(3, "agent")?,
+                    capability: c.text(4, "capability")?,
+                    issuer: c.text(5, "issuer")?,
+                    subject: c.text(6, "subject")?,
+                    repository: c.opt_text(7, "repository")?,
+                    workflow: c.opt_text(8, "workflow")?,
+                    claims: serde_json::Map::new(),
+                    credentials: Vec::new(),
+                },
+                c.text(9, "claims")?,
+            ))
+        },
+    )?;
+    let mut out: Vec<LiveExchange> = Vec::new();
+    for (exchange_id, credential, subject, claims) in rows {
+        let cid = credential.credential_id;
+        match out.last_mut() {
+            Some(last) if last.id == exchange_id => {
+                last.subject.credentials.push(cid);
+                last.credentials.push(credential);
+            }
+            _ => {
+                let (claims, claims_readable) = match serde_json::from_str::<serde_json::Value>(&claims) {
+                    Ok(serde_json::Value::Object(map)) => (map, true),
+                    Ok(serde_json::Value::Null) => (serde_json::Map::new(), true),
+                    _ => (serde_json::Map::new(), false),
+                };
+                out.push(LiveExchange {
+                    id: exchange_id,
+                    subject: KillSubject { claims, credentials: vec![cid], ..subject },
+                    claims_readable,
+                    credentials: vec![credential],
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One exchange that still holds pending or active credentials.
-struct LiveExchange {
+pub(super) struct LiveExchange {
     id: Uuid,
     /// The exchange's identity; `credentials` lists its live credentials, because a
     /// `credential` selector names the exchange that holds it: an exchange's grants are issued
@@ -895,18 +1030,18 @@ struct LiveExchange {
     subject: KillSubject,
     /// False when the stored claims do not decode.
     claims_readable: bool,
-    credentials: Vec<(Uuid, CredentialState)>,
+    pub(super) credentials: Vec<LiveCredential>,
 }
 
 impl LiveExchange {
-    fn matched_by(&self, rule: &KillRule) -> bool {
-        if self.claims_readable || rule.selector.claims.is_empty() {
-            return rule.selector.matches(&self.subject);
+    pub(super) fn matched_by(&self, selector: &Selector) -> bool {
+        if self.claims_readable || selector.claims.is_empty() {
+            return selector.matches(&self.subject);
         }
         // Claims that cannot be read cannot clear an identity: judged on every other field, so
         // that a damaged row errs towards revocation instead of blocking the kill.
-        tracing::warn!(exchange_id = %self.id, kill_id = %rule.id, "ledger.kill.unreadable_claims");
-        let mut without_claims = rule.selector.clone();
+        tracing::warn!(exchange_id = %self.id, "ledger.kill.unreadable_claims");
+        let mut without_claims = selector.clone();
         without_claims.claims.clear();
         without_claims.matches(&self.subject)
     }

@@ -13,11 +13,15 @@ use tokio::sync::Semaphore;
 
 use super::codec::{
     Cols, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns, exchange_from_row,
-    query_all, query_opt, signing_key_from_row, ts,
+    kill_target_columns, kill_target_from_row, query_all, query_opt, signing_key_from_row, stored_kill_columns,
+    stored_kill_from_row, ts,
 };
-use super::ops::rules_in_force;
+use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
-use crate::ledger::{CredentialRow, ExchangeRow, KillState, LedgerError, StoredKey};
+use crate::kill::Selector;
+use crate::ledger::{
+    CredentialRow, ExchangeRow, KillPage, KillState, KillTarget, LedgerError, LiveCredential, StoredKey, StoredKill,
+};
 
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -130,6 +134,61 @@ pub(super) fn kill_state(conn: &Connection, now: DateTime<Utc>) -> Result<KillSt
     let rules = rules_in_force(&tx, now)?;
     tx.finish().map_err(db_err)?;
     Ok(KillState { epoch, rules })
+}
+
+pub(super) fn kill_rule(conn: &Connection, id: &str) -> Result<Option<StoredKill>, LedgerError> {
+    query_opt(
+        conn,
+        concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = ?1"),
+        [id],
+        stored_kill_from_row,
+    )
+}
+
+/// A page of rules, oldest first, after the cursor's `(created_at, id)`.
+pub(super) fn kill_rules(conn: &Connection, page: &KillPage) -> Result<Vec<StoredKill>, LedgerError> {
+    let (after_at, after_id) = match page.after {
+        Some((at, id)) => (Some(ts(at)), Some(id.to_string())),
+        None => (None, None),
+    };
+    query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            stored_kill_columns!(),
+            " FROM kill_rules WHERE (?1 IS NULL OR (created_at, id) > (?1, ?2)) \
+             AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR created_at < ?4) \
+             ORDER BY created_at, id LIMIT ?5"
+        ),
+        params![
+            after_at,
+            after_id,
+            page.since.map(ts),
+            page.until.map(ts),
+            i64::try_from(page.limit).unwrap_or(i64::MAX)
+        ],
+        stored_kill_from_row,
+    )
+}
+
+/// Every credential the rule gave a job or marked.
+pub(super) fn kill_targets(conn: &Connection, kill_id: &str) -> Result<Vec<KillTarget>, LedgerError> {
+    query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            kill_target_columns!(),
+            " FROM credentials c LEFT JOIN jobs j ON j.credential_id = c.id AND j.kill_id = ?1 \
+             WHERE j.id IS NOT NULL OR c.revoke_requested_by = ?1 ORDER BY c.id"
+        ),
+        [kill_id],
+        kill_target_from_row,
+    )
+}
+
+/// The live credentials a selector matches, judged exactly as kill creation judges them.
+pub(super) fn kill_matches(conn: &Connection, selector: &Selector) -> Result<Vec<LiveCredential>, LedgerError> {
+    Ok(live_exchanges(conn)?.into_iter().filter(|e| e.matched_by(selector)).flat_map(|e| e.credentials).collect())
 }
 
 pub(super) fn job_queue_depth(conn: &Connection) -> Result<u64, LedgerError> {

@@ -11,8 +11,10 @@ use crate::ledger::LedgerError;
 
 /// Every migration, in order; migration `i` (0-based) takes the schema to version `i + 1`.
 /// Never edit a released migration: add a new one.
-pub(super) const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_initial", include_str!("../../../migrations/sqlite/0001_initial.sql"))];
+pub(super) const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_initial", include_str!("../../../migrations/sqlite/0001_initial.sql")),
+    ("0002_kill_switch", include_str!("../../../migrations/sqlite/0002_kill_switch.sql")),
+];
 
 pub(super) fn latest() -> i64 {
     MIGRATIONS.len() as i64

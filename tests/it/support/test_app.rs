@@ -269,12 +269,17 @@ sha256 = "{service}"
 name = "test-auditor"
 role = "auditor"
 sha256 = "{auditor}"
+[[admin_key]]
+name = "test-security"
+role = "security"
+sha256 = "{security}"
 {tail}
 "#,
             url = issuer.url,
             admin = sha256_hex(ADMIN_KEY),
             service = sha256_hex(SERVICE_KEY),
             auditor = sha256_hex(AUDITOR_KEY),
+            security = sha256_hex(SECURITY_KEY),
             tail = self.config_tail,
             reload_interval = self.reload_interval,
         );
@@ -287,31 +292,30 @@ sha256 = "{auditor}"
             migrate: true,
             dev_issuer: None,
             sealer: Some(Sealer::from_bytes(&[9; 32])),
-            backends: self.backends.clone(),
+            backends: Vec::new(),
         };
+        let restart = Restart { backends: self.backends.clone(), background: self.background, tls: self.tls };
+        let options = Options { backends: self.backends, ..options };
         let app = server::build(config, options).await.unwrap();
         let running = server::start(app.clone(), None, self.background).await.unwrap();
         // The certificate is self-signed: these tests check that TLS is served, not PKI.
         let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(self.tls).build().unwrap();
         let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
-        TestApp {
-            url: running.url(),
-            admin_url,
-            client,
-            issuer,
-            app,
-            clock,
-            running: Some(running),
-            dir,
-            injected: self.backends,
-            background: self.background,
-        }
+        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir, restart }
     }
 }
 
 pub const ADMIN_KEY: &str = "lk_test_admin_key";
 pub const SERVICE_KEY: &str = "lk_test_service_key";
 pub const AUDITOR_KEY: &str = "lk_test_auditor_key";
+pub const SECURITY_KEY: &str = "lk_test_security_key";
+
+/// What [`TestApp::restart`] needs to start the same broker again.
+struct Restart {
+    backends: Vec<Arc<dyn Backend>>,
+    background: bool,
+    tls: bool,
+}
 
 /// A running broker and what a test needs around it.
 pub struct TestApp {
@@ -325,9 +329,7 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     running: Option<Running>,
     pub dir: tempfile::TempDir,
-    /// The backends the builder injected, kept for [`TestApp::restart`].
-    injected: Vec<Arc<dyn Backend>>,
-    background: bool,
+    restart: Restart,
 }
 
 /// An HTTP answer: status, headers and the JSON body (`null` if it was not JSON).
@@ -455,39 +457,38 @@ impl TestApp {
         self.dir.path().join("policies")
     }
 
-    /// Stops the broker and starts a new one on the same directory (config, policies, store),
-    /// the same clock and the same injected backends: a restart after a deploy or a crash.
-    /// Needs `no_background()`, whose absence would keep the old store open in its loops.
+    /// Stops the broker and starts it again on the same store, config, clock and backends, as a
+    /// process restart would: only what the store made durable survives.
     pub async fn restart(mut self) -> TestApp {
-        assert!(!self.background, "restart() needs a TestApp built with no_background()");
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
-        let TestApp { issuer, app, clock, dir, client, injected, background, .. } = self;
+        let TestApp { issuer, clock, dir, restart, app, .. } = self;
+        // The ledger's file lock is released once the last handle on the old app is gone.
         drop(app);
         let config = Config::load(&dir.path().join("latchkey.toml")).unwrap();
-        let options = Options {
-            clock: clock.clone(),
-            migrate: false,
-            dev_issuer: None,
-            sealer: Some(Sealer::from_bytes(&[9; 32])),
-            backends: injected.clone(),
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let app = loop {
+            let options = Options {
+                clock: clock.clone(),
+                migrate: false,
+                dev_issuer: None,
+                sealer: Some(Sealer::from_bytes(&[9; 32])),
+                backends: restart.backends.clone(),
+            };
+            match server::build(config.clone(), options).await {
+                Ok(app) => break app,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("restart: {e:#}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the broker did not restart: {e:#}"),
+            }
         };
-        let app = server::build(config, options).await.unwrap();
-        let running = server::start(app.clone(), None, background).await.unwrap();
+        let running = server::start(app.clone(), None, restart.background).await.unwrap();
+        let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(restart.tls).build().unwrap();
         let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
-        TestApp {
-            url: running.url(),
-            admin_url,
-            client,
-            issuer,
-            app,
-            clock,
-            running: Some(running),
-            dir,
-            injected,
-            background,
-        }
+        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir, restart }
     }
 
     pub async fn stop(mut self) {
