@@ -129,7 +129,14 @@ impl Counts {
 pub struct Report {
     pub backends: BTreeMap<String, Counts>,
     pub totals: Counts,
+    /// What "revoked" means where it is not immediate, per backend.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub notes: BTreeMap<String, String>,
 }
+
+/// AWS sessions cannot be revoked: "revoked" there means a deny is attached to the role, which
+/// IAM enforces after a short delay.
+const AWS_NOTE: &str = "deny attached to the role; IAM enforces it within seconds, occasionally longer";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -160,6 +167,9 @@ pub fn report(targets: &[KillTarget]) -> Report {
         let o = outcome(t);
         r.backends.entry(t.backend.to_string()).or_default().add(o);
         r.totals.add(o);
+    }
+    if r.backends.get("aws").is_some_and(|c| c.revoked > 0) {
+        r.notes.insert("aws".into(), AWS_NOTE.into());
     }
     r
 }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub job_queue_depth: Gauge,
     pub jobs: Family<JobLabels, Counter>,
     pub policy_reload_failures: Counter,
+    /// Credentials possibly issued without a recorded handle: an alert, each one.
+    pub possibly_issued: Counter,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,12 @@ impl Metrics {
         registry.register("jobs", "Background jobs run, by outcome", jobs.clone());
         let policy_reload_failures = Counter::default();
         registry.register("policy_reload_failures", "Policy reloads refused", policy_reload_failures.clone());
+        let possibly_issued = Counter::default();
+        registry.register(
+            "credentials_possibly_issued",
+            "Credentials left by a crash between mint and record that cannot be revoked (alert on any)",
+            possibly_issued.clone(),
+        );
         Metrics {
             registry,
             exchanges,
@@ -78,6 +86,7 @@ impl Metrics {
             job_queue_depth,
             jobs,
             policy_reload_failures,
+            possibly_issued,
         }
     }
 

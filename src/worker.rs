@@ -13,8 +13,8 @@ use tokio::task::JoinSet;
 
 use crate::app::{App, AppState, KillSnapshot};
 use crate::audit::AuditEvent;
-use crate::backend::BackendError;
-use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, LedgerError};
+use crate::backend::{BackendError, Upkeep};
+use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, KillPage, LedgerError};
 use crate::metrics::JobLabels;
 use crate::policy::PolicySet;
 
@@ -71,6 +71,9 @@ pub fn spawn_all(app: &AppState) {
             if let Err(e) = a.ledger.prune(a.clock.now()).await {
                 tracing::warn!(error = %e, "could not prune spent token ids");
             }
+            if let Err(e) = maintain_backends(&a).await {
+                tracing::warn!(error = %e, "backend upkeep could not read the kill rules");
+            }
         }
     });
     // The baseline is taken now, not when the task first runs: a change made in between must
@@ -78,6 +81,39 @@ pub fn spawn_all(app: &AppState) {
     let baseline = dir_signature(&app.config.resolve(&app.config.policies.dir));
     let a = app.clone();
     tokio::spawn(async move { watch_policies(a, baseline).await });
+}
+
+/// How long after a kill rule ends its effects may still matter: the longest session a backend
+/// issues (STS: 12 h), after which everything issued before the end has expired.
+const RULE_AFTERLIFE: chrono::Duration = chrono::Duration::hours(12);
+
+/// Gives every backend its periodic upkeep (AWS: bounding the deny statements of lifted rules,
+/// pruning expired ones) with the current policies and the kill rules that still matter.
+pub async fn maintain_backends(app: &App) -> Result<(), LedgerError> {
+    let now = app.clock.now();
+    let mut rules = Vec::new();
+    let mut page = KillPage { limit: 500, ..Default::default() };
+    loop {
+        let batch = app.ledger.kill_rules(page.clone()).await?;
+        let Some(last) = batch.last() else { break };
+        page.after = Some((last.rule.created_at, last.rule.id));
+        let full = batch.len() == page.limit;
+        rules.extend(batch.into_iter().map(|k| k.rule).filter(|r| {
+            let ended = r.lifted_at.or(r.expires_at.filter(|e| *e <= now));
+            ended.is_none_or(|end| end + RULE_AFTERLIFE > now)
+        }));
+        if !full {
+            break;
+        }
+    }
+    let policies = app.policies.get();
+    let upkeep = Upkeep { policies: &policies, rules: &rules };
+    for backend in app.backends.values() {
+        if let Err(e) = backend.maintain(&upkeep).await {
+            tracing::warn!(backend = %backend.kind(), error = %e, "backend upkeep failed; it runs again in a minute");
+        }
+    }
+    Ok(())
 }
 
 /// Reads the kill rules in force from the ledger into memory. When a rule held in memory has
@@ -180,7 +216,19 @@ async fn run_job(app: &App, job: &Job) -> JobOutcome {
             event: job_event(job, "job.failed", now),
         };
     };
-    match backend.revoke(&credential, handle.as_deref()).await {
+    // A kill's revocation may refuse more than this one credential at once (AWS session tags).
+    let rule = match job.kill_id {
+        Some(id) => match app.ledger.kill_rule(id).await {
+            Ok(found) => found.map(|k| k.rule),
+            Err(e) => return retry(job, now, e.to_string()),
+        },
+        None => None,
+    };
+    let revoked = match &rule {
+        Some(rule) => backend.revoke_for_kill(&credential, handle.as_deref(), rule).await,
+        None => backend.revoke(&credential, handle.as_deref()).await,
+    };
+    match revoked {
         Ok(()) => JobOutcome::Done { state: target, event },
         // A revocation at TTL end keeps trying after the TTL: the backend's own expiry may be
         // later (GitHub's fixed hour). Any other revocation of an expired credential is moot.
@@ -192,6 +240,11 @@ async fn run_job(app: &App, job: &Job) -> JobOutcome {
         Err(BackendError::Throttled { retry_after, message, .. }) => {
             let wait = chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::seconds(60));
             JobOutcome::Retry { run_at: now + wait, error: message }
+        }
+        Err(e @ BackendError::Unrecorded { .. }) => {
+            let mut event = job_event(job, "job.failed", now);
+            event.reason = Some(e.to_string());
+            JobOutcome::Failed { error: e.to_string(), event }
         }
         Err(e) => retry(job, now, e.to_string()),
     }
@@ -234,6 +287,29 @@ pub async fn reconcile(app: &App) -> Result<usize, LedgerError> {
         match revoked {
             Ok(()) => {
                 event.reason = Some("left pending by an interrupted exchange; revoked".into());
+                if app
+                    .ledger
+                    .transition_credential(credential.id, &[CredentialState::Pending], CredentialState::Failed, event)
+                    .await?
+                {
+                    done += 1;
+                }
+            }
+            Err(BackendError::Unrecorded { lives_for, .. }) => {
+                // Possibly issued and out of reach: say so loudly, with when it dies by itself.
+                let dead_at = credential.created_at + chrono::Duration::from_std(lives_for).unwrap_or_default();
+                event.event = "credential.possibly_issued".into();
+                event.reason = Some(format!(
+                    "left pending by an interrupted exchange before its handle was recorded: possibly issued, \
+                     cannot be revoked, dead at {}",
+                    crate::audit::format_time(dead_at)
+                ));
+                event.expiry = Some(crate::audit::format_time(dead_at));
+                tracing::error!(
+                    credential_id = %credential.id, backend = %credential.backend, dead_at = %dead_at,
+                    "ALERT: a credential was possibly issued without a recorded handle and cannot be revoked"
+                );
+                app.metrics.possibly_issued.inc();
                 if app
                     .ledger
                     .transition_credential(credential.id, &[CredentialState::Pending], CredentialState::Failed, event)

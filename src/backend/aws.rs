@@ -518,10 +518,11 @@ impl Backend for AwsBackend {
 
     async fn revoke(&self, credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError> {
         let Some(handle) = handle else {
-            // No handle: AssumeRole never answered, or its answer was never recorded. A deny
-            // keyed on the source identity still works, if the role were known; it is not.
-            tracing::warn!(credential_id = %credential.id, "AWS session without a recorded handle; it ends at its expiry");
-            return Ok(());
+            // No handle: AssumeRole never answered, or its answer was never recorded. The session,
+            // if there is one, lasts its duration: the policy TTL, and never less than STS's 15 min.
+            let ttl = (credential.expires_at - credential.created_at).num_seconds().max(MIN_SESSION);
+            let lives_for = Duration::from_secs(ttl.unsigned_abs());
+            return Err(BackendError::Unrecorded { backend: BackendKind::Aws, lives_for });
         };
         let handle: SessionHandle = serde_json::from_slice(handle).map_err(|e| AwsError::Handle(e.to_string()))?;
         if handle.expires_at <= self.clock.now() {

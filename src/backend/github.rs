@@ -50,6 +50,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// A rate-limited mint waits for `Retry-After` up to this long; longer waits fail the exchange.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(3);
 const API_VERSION: &str = "2022-11-28";
+/// GitHub's fixed life of an installation token.
+const GITHUB_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GithubError {
@@ -551,12 +553,11 @@ impl Backend for GithubBackend {
         })
     }
 
-    async fn revoke(&self, credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError> {
+    async fn revoke(&self, _credential: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError> {
         let Some(handle) = handle else {
             // Minted but never recorded (a crash between GitHub's answer and the ledger write):
-            // there is nothing to revoke with; GitHub ends the token at its hour.
-            tracing::warn!(credential_id = %credential.id, "GitHub token without a recorded handle; it dies at mint + 1 h");
-            return Ok(());
+            // revoking needs the token itself; GitHub ends it at its fixed hour.
+            return Err(BackendError::Unrecorded { backend: BackendKind::Github, lives_for: GITHUB_TOKEN_LIFETIME });
         };
         let token = std::str::from_utf8(handle).map_err(|_| BackendError::BadHandle {
             backend: BackendKind::Github,

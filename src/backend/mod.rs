@@ -28,6 +28,10 @@ pub enum BackendError {
     /// The backend asked latchkey to slow down; try again after `retry_after`.
     #[error("{backend} backend: {message}")]
     Throttled { backend: BackendKind, message: String, retry_after: std::time::Duration },
+    /// The credential may have been issued, but no handle was recorded and the backend cannot
+    /// find it without one: it ends by itself at the latest `lives_for` after its mint.
+    #[error("{backend} backend: cannot revoke without the handle that was never recorded; it ends by itself")]
+    Unrecorded { backend: BackendKind, lives_for: std::time::Duration },
     /// The stored revocation handle cannot be used.
     #[error("{backend} backend: bad revocation handle: {message}")]
     BadHandle { backend: BackendKind, message: String },

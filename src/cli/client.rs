@@ -133,6 +133,9 @@ pub fn print_report(report: &Value) {
     }
     rows.push(line("total", &report["totals"]));
     print_table(&rows);
+    for (backend, note) in report["notes"].as_object().into_iter().flatten() {
+        println!("{backend}: {}", note.as_str().unwrap_or_default());
+    }
 }
 
 /// Prints a value as pretty JSON.

@@ -422,3 +422,18 @@ async fn the_permission_table_of_the_loader_is_githubs() {
         .collect();
     assert_eq!(ours, from_github, "src/policy/github_permissions.rs must list GitHub's app-permissions exactly");
 }
+
+#[tokio::test]
+async fn a_token_minted_but_never_recorded_is_reported_possibly_issued_with_its_end() {
+    let Some(Setup { t, gh: _gh }) = setup(|b, _| b.no_background()).await else { return };
+    let credential = t.record_crashed_intent(BackendKind::Github).await;
+    t.clock.advance(chrono::Duration::minutes(3));
+    assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);
+    assert_eq!(t.credential_states(), [("failed".to_owned(), 1)]);
+    let alerts = t.events("credential.possibly_issued").await;
+    assert_eq!(alerts.len(), 1, "an alert event");
+    let dead_at = latchkey::audit::format_time(credential.created_at + chrono::Duration::hours(1));
+    assert_eq!(alerts[0]["expiry"], dead_at.as_str());
+    assert!(alerts[0]["reason"].as_str().unwrap().contains("possibly issued"), "{}", alerts[0]);
+    assert!(t.app.metrics.encode().contains("latchkey_credentials_possibly_issued_total 1"));
+}

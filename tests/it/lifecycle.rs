@@ -225,47 +225,7 @@ async fn a_kill_that_lands_during_a_local_exchange_leaves_nothing_active() {
 #[tokio::test]
 async fn the_reconciler_fails_rows_left_pending_by_a_crash() {
     let t = TestApp::builder().no_background().start().await;
-    let now = t.clock.now();
-    let exchange = latchkey::ledger::ExchangeRow {
-        id: uuid::Uuid::now_v7(),
-        request_id: "crashed".into(),
-        created_at: now,
-        state: latchkey::ledger::ExchangeState::Pending,
-        error: None,
-        reason: None,
-        issuer: Some("github-actions".into()),
-        subject: Some("repo:acme/widgets:ref:refs/heads/main".into()),
-        repository: Some("acme/widgets".into()),
-        workflow: None,
-        capability: Some("pr-review".into()),
-        agent: Some("pr-reviewer".into()),
-        claims: json!({}),
-        trace: json!([]),
-        policy_sha256: None,
-        release_token_sha256: None,
-        expires_at: Some(now + chrono::Duration::minutes(15)),
-    };
-    let credential = CredentialRow {
-        id: uuid::Uuid::now_v7(),
-        exchange_id: exchange.id,
-        name: "jwt".into(),
-        backend: BackendKind::Jwt,
-        state: latchkey::ledger::CredentialState::Pending,
-        agent: "pr-reviewer".into(),
-        capability: "pr-review".into(),
-        issuer: "github-actions".into(),
-        subject: "repo:acme/widgets:ref:refs/heads/main".into(),
-        repository: Some("acme/widgets".into()),
-        workflow: None,
-        created_at: now,
-        expires_at: now + chrono::Duration::minutes(15),
-        fingerprint: None,
-        handle: None,
-        revoke_requested: false,
-        revoked_at: None,
-    };
-    let event = latchkey::audit::AuditEvent::new("exchange.started", now);
-    t.app.ledger.record_intent(&exchange, &[credential], event).await.unwrap();
+    t.record_crashed_intent(BackendKind::Jwt).await;
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 0, "an exchange in flight is left alone");
     t.clock.advance(chrono::Duration::minutes(3));
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);

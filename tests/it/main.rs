@@ -8,6 +8,7 @@ mod cli;
 mod exchange;
 mod github;
 mod kill;
+mod kill_everywhere;
 mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;

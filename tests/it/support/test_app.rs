@@ -491,6 +491,57 @@ impl TestApp {
         TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir, restart }
     }
 
+    /// Writes what an exchange leaves behind when the broker dies between its intent (step 5)
+    /// and the handle of its one grant (step 6): a pending exchange and a pending credential of
+    /// `backend` without a handle. Returns the credential.
+    pub async fn record_crashed_intent(
+        &self,
+        backend: latchkey::policy::BackendKind,
+    ) -> latchkey::ledger::CredentialRow {
+        let now = latchkey::app::Clock::now(&*self.clock);
+        let exchange = latchkey::ledger::ExchangeRow {
+            id: uuid::Uuid::now_v7(),
+            request_id: "crashed".into(),
+            created_at: now,
+            state: latchkey::ledger::ExchangeState::Pending,
+            error: None,
+            reason: None,
+            issuer: Some("github-actions".into()),
+            subject: Some("repo:acme/widgets:ref:refs/heads/main".into()),
+            repository: Some("acme/widgets".into()),
+            workflow: None,
+            capability: Some("pr-review".into()),
+            agent: Some("pr-reviewer".into()),
+            claims: json!({}),
+            trace: json!([]),
+            policy_sha256: None,
+            release_token_sha256: None,
+            expires_at: Some(now + chrono::Duration::minutes(15)),
+        };
+        let credential = latchkey::ledger::CredentialRow {
+            id: uuid::Uuid::now_v7(),
+            exchange_id: exchange.id,
+            name: backend.as_str().into(),
+            backend,
+            state: latchkey::ledger::CredentialState::Pending,
+            agent: "pr-reviewer".into(),
+            capability: "pr-review".into(),
+            issuer: "github-actions".into(),
+            subject: "repo:acme/widgets:ref:refs/heads/main".into(),
+            repository: Some("acme/widgets".into()),
+            workflow: None,
+            created_at: now,
+            expires_at: now + chrono::Duration::minutes(15),
+            fingerprint: None,
+            handle: None,
+            revoke_requested: false,
+            revoked_at: None,
+        };
+        let event = latchkey::audit::AuditEvent::new("exchange.started", now);
+        self.app.ledger.record_intent(&exchange, std::slice::from_ref(&credential), event).await.unwrap();
+        credential
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
