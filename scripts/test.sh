@@ -274,6 +274,8 @@ peer_vault_start() {
   wait_until "OpenBao" http_ok "$url/v1/sys/health" || return 1
   export LATCHKEY_TEST_VAULT_URL=$url
   export LATCHKEY_TEST_VAULT_TOKEN=$token
+  # Tests that stop and resume OpenBao start their own server with this binary.
+  export LATCHKEY_TEST_BAO_BIN=$CACHE/openbao/bin/bao
   log "OpenBao at $url"
 }
 

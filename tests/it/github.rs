@@ -159,6 +159,9 @@ async fn the_token_stops_working_when_the_policy_ttl_ends_even_across_a_restart(
     assert_eq!(repositories_seen_with(&gh, &token).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(t.credential_states(), [("expired".to_owned(), 1)]);
     assert_eq!(t.events("credential.expired").await.len(), 1);
+    let id = a.body["credentials"][0]["id"].as_str().unwrap().parse().unwrap();
+    let row = t.app.ledger.credential(id).await.unwrap().unwrap();
+    assert_eq!(row.handle, None, "the sealed token is erased once the credential has ended");
     assert!(gh.log().contains(&"apps/revoke-installation-access-token 204".to_owned()));
     gh.assert_conforms();
 }

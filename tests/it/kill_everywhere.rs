@@ -259,3 +259,80 @@ async fn time_to_contain_1000_credentials() {
     assert_eq!(report["totals"]["revoked"].as_u64().unwrap() as i64, credentials);
     let _ = &p;
 }
+
+#[tokio::test]
+async fn a_backend_that_hangs_during_a_kill_holds_up_only_its_own_revocations_until_it_answers() {
+    let Some((vault, bao)) = VaultPeer::private().await else { return };
+    let setup = vault.setup().await;
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("vault-token");
+    std::fs::write(&token_file, vault.broker_token(&setup.broker_policy, "1h").await).unwrap();
+    let policy = format!(
+        r#"
+description = "vault and jwt"
+agent = "rogue-agent"
+issuer = "github-actions"
+ttl = "15m"
+
+[match]
+repository_owner_id = "1234567"
+repository = "acme/widgets"
+
+[[grant]]
+name = "vault"
+backend = "vault"
+kind = "token"
+policies = ["{}"]
+
+[[grant]]
+name = "internal"
+backend = "jwt"
+audience = "https://internal.example"
+"#,
+        setup.read_policy
+    );
+    let t = TestApp::builder()
+        .no_background()
+        .config(&format!(
+            "[backends.vault]\naddress = \"{}\"\ntoken_role = \"{}\"\ntoken_file = \"{}\"\n[limits]\noutbound_timeout = \"1s\"\n",
+            vault.url(),
+            setup.role,
+            token_file.display()
+        ))
+        .policy("both.toml", &policy)
+        .start()
+        .await;
+    let a = t.exchange(&t.token(json!({})), "both").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let vault_token = by_name(&a, "vault")["token"].as_str().unwrap().to_owned();
+    let jwt = by_name(&a, "internal")["token"].as_str().unwrap().to_owned();
+
+    // OpenBao hangs; the kill is accepted and the jwt is revoked regardless.
+    bao.pause();
+    let kill = t
+        .post_json(
+            "/v1/kills",
+            Some(SECURITY_KEY),
+            &json!({ "selector": { "agent": "rogue-agent" }, "reason": "test" }),
+        )
+        .await;
+    assert_eq!(kill.status, StatusCode::CREATED, "{}", kill.text);
+    let id = kill.body["id"].as_str().unwrap().to_owned();
+    latchkey::worker::run_jobs(&t.app).await.unwrap();
+    let report = t.get(&format!("/v1/kills/{id}"), Some(SECURITY_KEY)).await.body["report"].clone();
+    assert_eq!(report["backends"]["jwt"]["revoked"], 1, "{report}");
+    assert_eq!(report["backends"]["vault"]["pending"], 1, "the kill reports what is still pending: {report}");
+    assert!(!introspect(&t, &jwt).await);
+
+    // OpenBao answers again: the retried job completes and the token is gone.
+    bao.resume();
+    t.clock.advance(chrono::Duration::seconds(10));
+    latchkey::worker::run_jobs(&t.app).await.unwrap();
+    let report = t.get(&format!("/v1/kills/{id}"), Some(SECURITY_KEY)).await.body["report"].clone();
+    assert_eq!(
+        report["totals"],
+        json!({ "matched": 2, "revoked": 2, "expired": 0, "pending": 0, "failed": 0 }),
+        "{report}"
+    );
+    assert_eq!(vault.lookup_token(&vault_token).await, None);
+}

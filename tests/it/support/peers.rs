@@ -297,6 +297,34 @@ impl VaultPeer {
         Some(VaultPeer { url, root, http: http_client(), namespace: None })
     }
 
+    /// A private OpenBao dev server of this test's own (`bao` from `LATCHKEY_TEST_BAO_BIN`), for
+    /// tests that stop or pause it; the shared one must keep running for the others. Stopped when
+    /// the returned process handle is dropped.
+    pub async fn private() -> Option<(VaultPeer, PrivateBao)> {
+        let bin = peer_var("LATCHKEY_TEST_BAO_BIN", "Vault (private server)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let root = format!("root-{}", uuid::Uuid::new_v4().simple());
+        let bao = PrivateBao(
+            std::process::Command::new(bin)
+                .args(["server", "-dev", &format!("-dev-listen-address=127.0.0.1:{port}")])
+                .arg(format!("-dev-root-token-id={root}"))
+                .arg("-dev-no-store-token")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("bao starts"),
+        );
+        let peer = VaultPeer { url: format!("http://127.0.0.1:{port}"), root, http: http_client(), namespace: None };
+        for _ in 0..150 {
+            if peer.http.get(format!("{}/v1/sys/health", peer.url)).send().await.is_ok_and(|r| r.status().is_success())
+            {
+                return Some((peer, bao));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the private OpenBao did not start");
+    }
+
     /// Creates namespace `name` and returns a handle whose calls all go into it.
     pub async fn new_namespace(&self, name: &str) -> VaultPeer {
         self.root("POST", &format!("sys/namespaces/{name}"), Some(json!({}))).await;
@@ -435,4 +463,32 @@ path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 "#
     )
+}
+
+/// A private OpenBao process: paused, resumed, and killed when dropped.
+pub struct PrivateBao(std::process::Child);
+
+impl PrivateBao {
+    /// SIGSTOP: the server keeps its state but answers nothing, as a hung server would.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT: it answers again, with everything it had.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill").arg(sig).arg(self.0.id().to_string()).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    }
+}
+
+impl Drop for PrivateBao {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
