@@ -81,6 +81,23 @@ single_use = true
 # Pin your organisation here so that no policy can forget it (its numeric id, not its name):
 required_claims = {{ repository_owner_id = ["1234567"] }}
 
+# Backends: configure the ones your policies use (docs/BACKENDS.md). The jwt backend is on by default.
+#
+# [[backends.github]]
+# id = "default"
+# app_id = 12345
+# private_key_file = "github-app.pem"
+# api_url = "https://api.github.com"     # GitHub Enterprise Server: https://HOST/api/v3
+#
+# [backends.aws]                         # the broker's own credentials: the standard AWS chain
+# region = "us-east-1"
+# role_path = "/latchkey/"
+#
+# [backends.vault]
+# address = "https://vault.example.com:8200"
+# token_role = "latchkey"
+# token_file = "vault-token"             # or [backends.vault.approle]
+
 [[admin_key]]
 name = "initial-admin"
 role = "admin"
