@@ -440,3 +440,28 @@ async fn a_token_minted_but_never_recorded_is_reported_possibly_issued_with_its_
     assert!(alerts[0]["reason"].as_str().unwrap().contains("possibly issued"), "{}", alerts[0]);
     assert!(t.app.metrics.encode().contains("latchkey_credentials_possibly_issued_total 1"));
 }
+
+#[tokio::test]
+async fn a_grant_by_repository_ids_gets_those_repositories_and_narrows_by_id() {
+    let Some(Setup { t, gh }) = setup(|b, _| {
+        b.policy(
+            "ids-gh.toml",
+            &policy_with("owner = \"acme\"\nowner_id = 1234567\nrepository_ids = [101, 102]\npermissions = { contents = \"read\" }"),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let a = t.exchange(&t.token(json!({})), "ids-gh").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(gh.token(&token_of(&a)).unwrap().repositories, ["widgets", "gadgets"]);
+    assert_eq!(a.body["credentials"][0]["repositories"], json!(["widgets", "gadgets"]), "names, as GitHub answered");
+
+    let a = t.exchange_narrowed(&t.token(json!({})), "ids-gh", r#"{"code": {"repositories": ["102"]}}"#).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(gh.token(&token_of(&a)).unwrap().repositories, ["gadgets"]);
+    let a = t.exchange_narrowed(&t.token(json!({})), "ids-gh", r#"{"code": {"repositories": ["103"]}}"#).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "an id outside the policy: {}", a.text);
+    gh.assert_conforms();
+}
