@@ -17,26 +17,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::support::peers::AwsPeer;
-use crate::support::test_app::{Answer, TestApp};
+use crate::support::test_app::{Answer, TestApp, policy_head};
 
 fn policy(role_arn: &str, agent: &str) -> String {
-    format!(
-        r#"
-description = "deploy to staging"
-agent = "{agent}"
-issuer = "github-actions"
-ttl = "15m"
-
-[match]
-repository_owner_id = "1234567"
-repository = "acme/widgets"
-ref = "refs/heads/main"
-
-[[grant]]
-backend = "aws"
-role_arn = "{role_arn}"
-"#
-    )
+    format!("{}[[grant]]\nbackend = \"aws\"\nrole_arn = \"{role_arn}\"\n", policy_head(agent, "15m"))
 }
 
 async fn app(aws: &AwsPeer, policies: &[(&str, String)]) -> TestApp {

@@ -11,31 +11,15 @@ use serde_json::{Value, json};
 
 use crate::support::github::{Fault, GithubDouble, Installation, OTHER_APP_ID};
 use crate::support::peers::OidcPeer;
-use crate::support::test_app::{AUDIENCE, Answer, Builder, TestApp};
+use crate::support::test_app::{AUDIENCE, Answer, Builder, TestApp, policy_head};
 
-const POLICY: &str = r#"
-description = "PR review: read code, comment on PRs"
-agent = "pr-reviewer"
-issuer = "github-actions"
-ttl = "1m"
+/// The GitHub grant of the tests' main policy, `pr-review-gh`.
+const GRANT: &str = "owner = \"acme\"\nrepositories = [\"widgets\", \"gadgets\"]\npermissions = { contents = \"read\", pull_requests = \"write\" }";
 
-[match]
-repository_owner_id = "1234567"
-repository = "acme/widgets"
-ref = "refs/heads/main"
-
-[[grant]]
-name = "code"
-backend = "github"
-owner = "acme"
-repositories = ["widgets", "gadgets"]
-permissions = { contents = "read", pull_requests = "write" }
-"#;
-
-/// A policy like [`POLICY`] with its grant's lines replaced by `grant`.
+/// A policy for `pr-reviewer` with a 1-minute TTL and one GitHub grant named `code`, whose
+/// fields are `grant`.
 fn policy_with(grant: &str) -> String {
-    let head = POLICY.split("[[grant]]").next().unwrap();
-    format!("{head}[[grant]]\nname = \"code\"\nbackend = \"github\"\n{grant}\n")
+    format!("{}[[grant]]\nname = \"code\"\nbackend = \"github\"\n{grant}\n", policy_head("pr-reviewer", "1m"))
 }
 
 struct Setup {
@@ -48,7 +32,8 @@ struct Setup {
 async fn setup(configure: impl FnOnce(Builder, &GithubDouble) -> Builder) -> Option<Setup> {
     let clock = ManualClock::new(Utc::now());
     let gh = GithubDouble::start(clock.clone()).await?;
-    let builder = TestApp::builder().clock(clock).config(&gh.config("default")).policy("pr-review-gh.toml", POLICY);
+    let builder =
+        TestApp::builder().clock(clock).config(&gh.config("default")).policy("pr-review-gh.toml", &policy_with(GRANT));
     let t = configure(builder, &gh).start().await;
     Some(Setup { t, gh })
 }
@@ -346,7 +331,7 @@ async fn a_wrong_app_key_is_a_503_with_the_reason_in_the_audit_trail() {
     let t = TestApp::builder()
         .clock(clock)
         .config(&gh.app_config("default", crate::support::github::APP_ID, "github-app-other.pem"))
-        .policy("pr-review-gh.toml", POLICY)
+        .policy("pr-review-gh.toml", &policy_with(GRANT))
         .start()
         .await;
     let a = t.exchange(&t.token(json!({})), "pr-review-gh").await;
@@ -364,7 +349,7 @@ async fn a_wrong_app_key_is_a_503_with_the_reason_in_the_audit_trail() {
 async fn end_to_end_a_token_from_the_real_oidc_issuer_becomes_a_scoped_github_token() {
     let Some(shared) = OidcPeer::from_env() else { return };
     let peer = shared.new_issuer("RS256").await;
-    let policy = POLICY.replace("issuer = \"github-actions\"", "issuer = \"peer-actions\"");
+    let policy = policy_with(GRANT).replace("issuer = \"github-actions\"", "issuer = \"peer-actions\"");
     let Some(Setup { t, gh }) = setup(|b, _| {
         b.policy("peer-gh.toml", &policy).config(&format!(
             "[[issuer]]\nid = \"peer-actions\"\nkind = \"github\"\nurl = \"{}\"\nalgorithms = [\"RS256\"]\n",

@@ -11,22 +11,12 @@ use serde_json::{Value, json};
 
 use crate::support::github::GithubDouble;
 use crate::support::peers::{AwsPeer, VaultPeer, VaultSetup};
-use crate::support::test_app::{Answer, SECURITY_KEY, SERVICE_KEY, TestApp};
+use crate::support::test_app::{Answer, SECURITY_KEY, SERVICE_KEY, TestApp, policy_head};
 
 /// A capability holding all four kinds of credential (and a Vault lease), for `agent`.
 fn everything(agent: &str, vault: &VaultSetup, role_arn: &str) -> String {
     format!(
-        r#"
-description = "an agent holding every kind of credential"
-agent = "{agent}"
-issuer = "github-actions"
-ttl = "15m"
-
-[match]
-repository_owner_id = "1234567"
-repository = "acme/widgets"
-ref = "refs/heads/main"
-
+        r#"{head}
 [[grant]]
 name = "code"
 backend = "github"
@@ -59,6 +49,7 @@ name = "cloud"
 backend = "aws"
 role_arn = "{role_arn}"
 "#,
+        head = policy_head(agent, "15m"),
         read = vault.read_policy,
         pki = vault.pki,
     )

@@ -209,18 +209,11 @@ impl AwsPeer {
     /// Calls `iam:ListRoles` with the session a credential object describes: `Ok` when IAM lets
     /// the session through, `Err` with the service's error code when it refuses it.
     pub async fn call_as(&self, credential: &Value) -> Result<(), String> {
-        let creds = aws_sdk_iam::config::Credentials::new(
-            credential["access_key_id"].as_str().unwrap(),
-            credential["secret_access_key"].as_str().unwrap(),
-            credential["session_token"].as_str().map(str::to_owned),
-            None,
-            "latchkey-test",
-        );
         let config = aws_sdk_iam::Config::builder()
             .behavior_version(aws_sdk_iam::config::BehaviorVersion::latest())
             .region(aws_sdk_iam::config::Region::new("us-east-1"))
             .endpoint_url(&self.url)
-            .credentials_provider(creds)
+            .credentials_provider(session_credentials(credential))
             .build();
         match aws_sdk_iam::Client::from_conf(config).list_roles().send().await {
             Ok(_) => Ok(()),
@@ -234,18 +227,11 @@ impl AwsPeer {
 
     /// `sts:GetCallerIdentity` with the session: its ARN (`…:assumed-role/ROLE/SESSION`).
     pub async fn caller_arn(&self, credential: &Value) -> String {
-        let creds = aws_sdk_sts::config::Credentials::new(
-            credential["access_key_id"].as_str().unwrap(),
-            credential["secret_access_key"].as_str().unwrap(),
-            credential["session_token"].as_str().map(str::to_owned),
-            None,
-            "latchkey-test",
-        );
         let config = aws_sdk_sts::Config::builder()
             .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
             .region(aws_sdk_sts::config::Region::new("us-east-1"))
             .endpoint_url(&self.url)
-            .credentials_provider(creds)
+            .credentials_provider(session_credentials(credential))
             .build();
         let answer = aws_sdk_sts::Client::from_conf(config).get_caller_identity().send().await.unwrap();
         answer.arn().unwrap().to_owned()
@@ -462,6 +448,17 @@ path "sys/leases/revoke" {{ capabilities = ["update"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 "#
+    )
+}
+
+/// The static credentials of a session that a credential object describes.
+fn session_credentials(credential: &Value) -> aws_sdk_iam::config::Credentials {
+    aws_sdk_iam::config::Credentials::new(
+        credential["access_key_id"].as_str().unwrap(),
+        credential["secret_access_key"].as_str().unwrap(),
+        credential["session_token"].as_str().map(str::to_owned),
+        None,
+        "latchkey-test",
     )
 }
 

@@ -557,6 +557,15 @@ pub async fn answer(r: reqwest::Response) -> Answer {
     Answer { status, headers, body, text }
 }
 
+/// The head of a policy for `agent` that admits pushes to `main` of `acme/widgets` (the test
+/// issuer's default token), pinned by owner id; grants follow.
+pub fn policy_head(agent: &str, ttl: &str) -> String {
+    format!(
+        "description = \"test policy for {agent}\"\nagent = \"{agent}\"\nissuer = \"github-actions\"\nttl = \"{ttl}\"\n\n\
+         [match]\nrepository_owner_id = \"1234567\"\nrepository = \"acme/widgets\"\nref = \"refs/heads/main\"\n\n"
+    )
+}
+
 pub fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
