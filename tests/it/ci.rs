@@ -506,6 +506,12 @@ async fn release_revokes_once_is_idempotent_and_refuses_alike_a_wrong_token_and_
     );
     assert_eq!(written().await, events_before, "a repeated release writes nothing");
     assert_eq!(t.credential_states(), [("revoked".to_string(), 1)]);
+
+    let o = t.get("/openapi.json", None).await;
+    let op = &o.body["paths"]["/v1/release"]["post"];
+    assert_eq!(op["security"], json!([]), "no admin key: the release token is the proof");
+    assert!(op["responses"].get("401").is_some());
+    assert!(o.body["components"]["schemas"]["Released"].is_object());
 }
 
 #[test]
