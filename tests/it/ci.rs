@@ -95,8 +95,9 @@ async fn peer_app(peer: &OidcPeer) -> TestApp {
         .await
 }
 
-/// The `latchkey` binary under test; `LATCHKEY_TEST_BIN` overrides it, for a target directory
-/// shared with other checkouts whose builds may replace `target/debug/latchkey` mid-run.
+/// The `latchkey` binary under test; `LATCHKEY_TEST_BIN` overrides it (docs/TESTING.md), e.g.
+/// with a release build, or with a copy when another build may replace `target/debug/latchkey`
+/// while the tests run.
 fn bin() -> std::path::PathBuf {
     std::env::var_os("LATCHKEY_TEST_BIN").map_or_else(|| env!("CARGO_BIN_EXE_latchkey").into(), Into::into)
 }
