@@ -16,6 +16,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod oidc;
 pub mod policy;
+pub mod release;
 pub mod seal;
 pub mod server;
 pub mod worker;

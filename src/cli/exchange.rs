@@ -15,12 +15,21 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 /// What a CI job's environment must not pass on to the command it runs: the means to mint more
-/// OIDC tokens, and to release other exchanges.
-pub const SCRUBBED: &[&str] =
-    &["ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN", "LATCHKEY_RELEASE_TOKEN", "LATCHKEY_ADMIN_KEY"];
-/// Attempts for a network error or a 503, with a doubling pause from `RETRY_PAUSE`.
+/// OIDC tokens (GitHub's token service, CircleCI's tokens), to release exchanges, and admin
+/// keys. The `--token-env` variable is removed too.
+pub const SCRUBBED: &[&str] = &[
+    "ACTIONS_ID_TOKEN_REQUEST_URL",
+    "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+    "CIRCLE_OIDC_TOKEN",
+    "CIRCLE_OIDC_TOKEN_V2",
+    "LATCHKEY_RELEASE_TOKEN",
+    "LATCHKEY_ADMIN_KEY",
+];
+/// Attempts for a network error, a 5xx or a 429, with a doubling pause from `RETRY_PAUSE`.
 const ATTEMPTS: u32 = 4;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// The longest `Retry-After` honoured; a longer one ends the retries.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -82,6 +91,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(narrow) = &args.narrow {
         serde_json::from_str::<serde_json::Map<String, Value>>(narrow).context("--narrow must be a JSON object")?;
     }
+    // Everything that can refuse the output is checked before the exchange: credentials minted
+    // and then not handed over would stay live for nothing.
+    preflight(&args)?;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     let audience = args.audience.clone().unwrap_or_else(|| url.clone());
     let subject_token = subject_token(&args, &http, &audience).await?;
@@ -90,22 +102,26 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let vars = variables(&answer, &args.prefix)?;
     let exchange_id = answer["exchange_id"].as_str().unwrap_or_default().to_owned();
     let release_token = SecretString::from(answer["release_token"].as_str().unwrap_or_default().to_owned());
-    eprintln!("{}", summary(&answer));
 
     if !args.command.is_empty() {
+        eprintln!("{}", summary(&answer));
         let code = run_command(&args, &vars).await;
         if args.keep {
             eprintln!("latchkey: --keep: the credentials stay until they expire (exchange {exchange_id})");
         } else {
-            release(&http, &url, &exchange_id, &release_token).await?;
-            eprintln!("latchkey: released exchange {exchange_id}");
+            // Whatever the command did. A failed release is reported but does not replace the
+            // command's status: the credentials still end at their TTL.
+            match release(&http, &url, &exchange_id, &release_token).await {
+                Ok(()) => eprintln!("latchkey: released exchange {exchange_id}"),
+                Err(e) => eprintln!("latchkey: warning: {e:#}; the credentials end at their TTL"),
+            }
         }
         return code;
     }
     match args.format {
-        None => {}
+        None => eprintln!("{}", summary(&answer)),
         Some(Format::Env) => {
-            refuse_terminal(&args)?;
+            eprintln!("{}", summary(&answer));
             let mut out = String::new();
             for (name, value) in
                 vars.iter().chain(release_vars(&args.prefix, &exchange_id, &release_token).iter().map(|(n, v)| (n, v)))
@@ -115,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             std::io::stdout().write_all(out.as_bytes())?;
         }
         Some(Format::Json) => {
-            refuse_terminal(&args)?;
+            eprintln!("{}", summary(&answer));
             println!("{}", serde_json::to_string_pretty(&answer)?);
         }
         Some(Format::Dotenv) => {
@@ -126,21 +142,45 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             {
                 out.push_str(&format!("{name}={}\n", shell_quote(value.expose_secret())));
             }
+            eprintln!("{}", summary(&answer));
             write_private(path, out.as_bytes())?;
             eprintln!("latchkey: wrote {} variable(s) to {} (mode 0600)", vars.len() + 2, path.display());
         }
-        Some(Format::Github) => github(&answer, &vars, &exchange_id, &release_token)?,
+        Some(Format::Github) => {
+            github(&answer, &vars, &exchange_id, &release_token)?;
+            // After the masks: nothing may reach the log before them.
+            eprintln!("{}", summary(&answer));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--format env|json` print secrets: only into a pipe or a file, unless `--reveal`.
-fn refuse_terminal(args: &Args) -> anyhow::Result<()> {
-    if std::io::stdout().is_terminal() && !args.reveal {
-        bail!(
+/// Refuses, before anything is minted, an output that could not be delivered or would show a
+/// secret: `--format env|json` print secrets only into a pipe or a file unless `--reveal`;
+/// `--format github` needs GitHub's files; a command and a format are two different hand-overs.
+fn preflight(args: &Args) -> anyhow::Result<()> {
+    if !args.command.is_empty() {
+        if args.format.is_some() {
+            bail!("--format and a command (after --) are two ways to hand the credentials over: choose one");
+        }
+        return Ok(());
+    }
+    match args.format {
+        Some(Format::Env | Format::Json) if std::io::stdout().is_terminal() && !args.reveal => bail!(
             "refusing to print credentials to a terminal: use `eval \"$(latchkey exchange … --format env)\"`, \
              redirect the output, or add --reveal"
-        );
+        ),
+        Some(Format::Github) => {
+            for name in ["GITHUB_ENV", "GITHUB_OUTPUT", "GITHUB_STATE"] {
+                if std::env::var_os(name).is_none_or(|v| v.is_empty()) {
+                    bail!("${name} is not set: --format github runs inside a GitHub Actions step");
+                }
+            }
+        }
+        _ => {}
+    }
+    if args.keep {
+        bail!("--keep only applies to a command (after --)");
     }
     Ok(())
 }
@@ -163,8 +203,13 @@ async fn subject_token(args: &Args, http: &reqwest::Client, audience: &str) -> a
                  `aud: {audience}` in the job"
             )
         })?
-    } else if let Ok(request_url) = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL") {
-        let request_token = std::env::var("ACTIONS_ID_TOKEN_REQUEST_TOKEN").unwrap_or_default();
+    } else if let Some(request_url) = non_empty_var("ACTIONS_ID_TOKEN_REQUEST_URL") {
+        let request_token = non_empty_var("ACTIONS_ID_TOKEN_REQUEST_TOKEN").ok_or_else(|| {
+            anyhow!(
+                "ACTIONS_ID_TOKEN_REQUEST_URL is set but ACTIONS_ID_TOKEN_REQUEST_TOKEN is not: GitHub sets both \
+                 for a job with `permissions: id-token: write`; do not unset or override either"
+            )
+        })?;
         github_actions_token(http, &request_url, &request_token, audience).await?
     } else if std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true") {
         bail!(
@@ -179,6 +224,10 @@ async fn subject_token(args: &Args, http: &reqwest::Client, audience: &str) -> a
         bail!("the subject token is empty");
     }
     Ok(token.into())
+}
+
+fn non_empty_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
 /// Asks GitHub Actions' token service for an OIDC token with `audience`.
@@ -203,13 +252,30 @@ async fn github_actions_token(
     }
 }
 
-/// Sends a request built by `build`, again after a network error or a 5xx, a bounded number of
-/// times with a doubling pause.
+/// Sends a request built by `build`, again after a network error, a 5xx or a 429, a bounded
+/// number of times with a doubling pause (or the server's `Retry-After`, when it is short).
 async fn with_retries(what: &str, build: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
     let mut pause = RETRY_PAUSE;
     for attempt in 1..=ATTEMPTS {
         match build().send().await {
-            Ok(r) if !r.status().is_server_error() || attempt == ATTEMPTS => return Ok(r),
+            Ok(r) if attempt == ATTEMPTS => return Ok(r),
+            Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let after = r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(pause);
+                if after > MAX_RETRY_AFTER {
+                    return Ok(r);
+                }
+                eprintln!("latchkey: {what} asks to slow down; retrying in {after:?}");
+                tokio::time::sleep(after).await;
+                pause *= 2;
+                continue;
+            }
+            Ok(r) if !r.status().is_server_error() => return Ok(r),
             Ok(r) => eprintln!("latchkey: {what} answered {}; retrying in {pause:?}", r.status()),
             Err(e) if attempt == ATTEMPTS => return Err(anyhow!("cannot reach {what}: {e}")),
             Err(e) => eprintln!("latchkey: cannot reach {what} ({e}); retrying in {pause:?}"),
@@ -241,9 +307,14 @@ async fn exchange(http: &reqwest::Client, url: &str, args: &Args, token: &Secret
     let request_id = body["request_id"].as_str().unwrap_or("none");
     Err(match (status, body["error"].as_str()) {
         (StatusCode::FORBIDDEN, _) => anyhow!(
-            "latchkey denied capability {:?}: {description} (request_id {request_id}). The reason is not shown \
-             to the job; an admin can read it with `latchkey audit exchanges` or the audit trail, by this \
-             request_id",
+            "latchkey denied capability {:?}: {description} (request_id {request_id}). The full reason is not \
+             shown to the job, so that a token holder cannot map the policies: an admin finds it in the audit \
+             trail (`GET /v1/audit`, event `exchange.denied` with this request_id) and can replay the decision \
+             with `latchkey policy explain`",
+            args.capability
+        ),
+        (StatusCode::TOO_MANY_REQUESTS, _) => anyhow!(
+            "latchkey is rate-limiting capability {:?}: {description} (request_id {request_id}); retry later",
             args.capability
         ),
         (StatusCode::BAD_REQUEST, Some("invalid_grant")) => anyhow!(
@@ -442,13 +513,26 @@ async fn run_command(args: &Args, vars: &BTreeMap<String, SecretString>) -> anyh
     for (name, value) in vars {
         command.env(name, value.expose_secret());
     }
-    let mut child = command.spawn().with_context(|| format!("starting {:?}", args.command[0]))?;
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            // The shell's convention: 127 not found, 126 not executable.
+            eprintln!("latchkey: cannot start {:?}: {e}", args.command[0]);
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            return Ok(ExitCode::from(code));
+        }
+    };
     let status = wait_forwarding_signals(&mut child).await?;
     if let Some(code) = status.code() {
         return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
     }
-    eprintln!("latchkey: {:?} ended by a signal", args.command[0]);
-    Ok(ExitCode::from(128 + 15))
+    #[cfg(unix)]
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(15);
+    #[cfg(not(unix))]
+    let signal = 15;
+    eprintln!("latchkey: {:?} ended by signal {signal}", args.command[0]);
+    // The shell's convention for a command killed by a signal.
+    Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(255)))
 }
 
 #[cfg(unix)]

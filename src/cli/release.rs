@@ -10,11 +10,13 @@ use secrecy::SecretString;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The exchange to release (`exchange_id` of the exchange's answer).
+    #[arg(env = "LATCHKEY_EXCHANGE_ID")]
     exchange_id: String,
     /// The broker's URL.
     #[arg(long, env = "LATCHKEY_URL")]
     url: String,
-    /// Read the release token from this file; otherwise from LATCHKEY_RELEASE_TOKEN.
+    /// Read the release token from this file (`-` for standard input); otherwise from
+    /// LATCHKEY_RELEASE_TOKEN. Never on the command line, where `ps` would show it.
     #[arg(long)]
     token_file: Option<PathBuf>,
 }
@@ -22,6 +24,11 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let token = match &args.token_file {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading standard input")?;
+            text
+        }
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         None => std::env::var("LATCHKEY_RELEASE_TOKEN").unwrap_or_default(),
     };

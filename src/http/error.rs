@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::broker::ExchangeError;
 use crate::killswitch::KillSwitchError;
+use crate::release::ReleaseError;
 
 /// An error answer: status, RFC 6749 error code, a short description and the request id.
 #[derive(Debug)]
@@ -52,6 +53,21 @@ impl ApiError {
             KillSwitchError::Unavailable(m) => {
                 // The detail is for the logs; the caller learns that nothing is known to have changed.
                 tracing::error!(error = %m, "kill-switch call failed on the store");
+                Self::unavailable("the store is unavailable; retry", request_id)
+            }
+        }
+    }
+
+    /// The mapping of release errors: 400 / 401 / 503. Every refusal is the same 401
+    /// `invalid_token` with the same words, whether the exchange is unknown or the token wrong.
+    pub fn from_release(e: ReleaseError, request_id: &str) -> Self {
+        match e {
+            ReleaseError::Invalid(m) => Self::invalid_request(m, request_id),
+            ReleaseError::Refused => {
+                Self::new(StatusCode::UNAUTHORIZED, "invalid_token", crate::release::REFUSED, request_id)
+            }
+            ReleaseError::Unavailable(m) => {
+                tracing::error!(error = %m, "release failed on the store");
                 Self::unavailable("the store is unavailable; retry", request_id)
             }
         }

@@ -5,6 +5,7 @@ mod admin;
 mod dev;
 pub mod error;
 mod kills;
+mod release;
 mod token;
 
 use std::time::Instant;
@@ -31,6 +32,7 @@ pub struct RequestId(pub String);
 pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
     let mut router = Router::new()
         .route("/v1/token", post(token::exchange))
+        .route("/v1/release", post(release::release))
         .route("/v1/introspect", post(token::introspect))
         .route("/.well-known/jwks.json", get(token::jwks))
         .route("/openapi.json", get(openapi))

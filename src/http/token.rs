@@ -51,7 +51,7 @@ pub(super) async fn read_body(body: Body, request_id: &str) -> Result<Bytes, Api
     })
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+pub(super) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -422,6 +422,16 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// something changed): an active one gets `job`, a pending one is marked.
     async fn request_revoke(&self, job: NewJob, event: AuditEvent) -> Result<RevokeRequest, LedgerError>;
 
+    /// Gives an exchange back (`POST /v1/release`): each `(job, event)` names one of its
+    /// credentials and is applied as [`Ledger::request_revoke`] would, all in one transaction;
+    /// `event` (`exchange.released`) is written only when something changed, so a repeated
+    /// release writes nothing. Answers one [`RevokeRequest`] per credential, in order.
+    async fn release_exchange(
+        &self,
+        revokes: Vec<(NewJob, AuditEvent)>,
+        event: AuditEvent,
+    ) -> Result<Vec<RevokeRequest>, LedgerError>;
+
     async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError>;
     /// Claims up to `limit` jobs due at `now`, hidden from other workers until `lease_until`.
     async fn claim_jobs(

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aws;
+mod ci;
 mod cli;
 mod exchange;
 mod github;

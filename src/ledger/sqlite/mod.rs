@@ -346,6 +346,18 @@ impl Ledger for SqliteLedger {
         }
     }
 
+    async fn release_exchange(
+        &self,
+        revokes: Vec<(NewJob, AuditEvent)>,
+        event: AuditEvent,
+    ) -> Result<Vec<RevokeRequest>, LedgerError> {
+        let revokes = revokes.iter().map(|(job, e)| (JobParams::new(job), EventParams::new(e))).collect();
+        match self.write(Op::Release { revokes, event: EventParams::new(&event) }).await? {
+            Reply::Revokes(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError> {
         if jobs.is_empty() {
             return Ok(());

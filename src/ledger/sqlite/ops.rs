@@ -225,6 +225,10 @@ pub(super) enum Op {
         job: JobParams,
         event: EventParams,
     },
+    Release {
+        revokes: Vec<(JobParams, EventParams)>,
+        event: EventParams,
+    },
     EnqueueJobs(Vec<JobParams>),
     ClaimJobs {
         now: String,
@@ -313,6 +317,7 @@ pub(super) enum Reply {
     KillIds(Vec<Uuid>),
     Kill(Box<StoredKill>),
     Revoke(RevokeRequest),
+    Revokes(Vec<RevokeRequest>),
     Jobs(Vec<Job>),
     Count(u64),
 }
@@ -410,6 +415,7 @@ impl Tx<'_> {
             Op::RecordLapses { now, actor } => self.record_lapses(now, &actor),
             Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event),
             Op::RequestRevoke { job, event } => self.request_revoke(&job, &event),
+            Op::Release { revokes, event } => self.release(&revokes, &event),
             Op::EnqueueJobs(jobs) => {
                 for job in &jobs {
                     self.insert_job(job)?;
@@ -824,6 +830,56 @@ impl Tx<'_> {
         };
         self.append(event)?;
         Ok(Applied::keep(Reply::Revoke(answer)))
+    }
+
+    /// An exchange given back by its holder: every credential revoked as [`Self::request_revoke`]
+    /// would, in one transaction, with `event` (`exchange.released`) written only when something
+    /// changed. Unlike an admin's request, a pending row already marked is left alone, so that a
+    /// repeated release writes nothing at all.
+    fn release(&mut self, revokes: &[(JobParams, EventParams)], event: &EventParams) -> Result<Applied, LedgerError> {
+        let mut answers = Vec::with_capacity(revokes.len());
+        let mut changed = false;
+        for (job, credential_event) in revokes {
+            let Some(state) = self.credential_state(&job.credential_id)? else {
+                return Err(LedgerError::NotFound);
+            };
+            let answer = match state {
+                CredentialState::Active => {
+                    let waiting = query_opt(
+                        self.conn,
+                        "SELECT 1 FROM jobs WHERE credential_id = ?1 AND kind = 'revoke' AND done_at IS NULL LIMIT 1",
+                        [&job.credential_id],
+                        |_| Ok(()),
+                    )?;
+                    if waiting.is_some() {
+                        RevokeRequest::AlreadyQueued
+                    } else {
+                        self.insert_job(job)?;
+                        self.append(credential_event)?;
+                        changed = true;
+                        RevokeRequest::Queued
+                    }
+                }
+                CredentialState::Pending => {
+                    let n = exec(
+                        self.conn,
+                        "UPDATE credentials SET revoke_requested = TRUE WHERE id = ?1 AND NOT revoke_requested",
+                        [&job.credential_id],
+                    )?;
+                    if n > 0 {
+                        self.append(credential_event)?;
+                        changed = true;
+                    }
+                    RevokeRequest::Marked
+                }
+                ended => RevokeRequest::Finished(ended),
+            };
+            answers.push(answer);
+        }
+        if changed {
+            self.append(event)?;
+        }
+        Ok(Applied::keep(Reply::Revokes(answers)))
     }
 
     fn claim_jobs(&self, now: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {

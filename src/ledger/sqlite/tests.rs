@@ -756,3 +756,57 @@ fn timestamps_are_fixed_width_and_sort_as_text() {
     assert!(a < b);
     assert_eq!(codec::parse_time(&a), Some(t0()));
 }
+
+#[tokio::test]
+async fn a_release_revokes_active_and_marks_pending_once_then_writes_nothing() {
+    let (dir, ledger) = fresh().await;
+    // One exchange still pending (minting under way), one active.
+    let (pending_x, pending_creds) = intent("github-actions", 1);
+    ledger.record_intent(&pending_x, &pending_creds, event("exchange.intent", t0())).await.unwrap();
+    let (active_x, active_creds) = intent("github-actions", 2);
+    ledger.record_intent(&active_x, &active_creds, event("exchange.intent", t0())).await.unwrap();
+    for (i, c) in active_creds.iter().enumerate() {
+        ledger.record_handle(c.id, &handle(i as u8)).await.unwrap();
+    }
+    assert_eq!(ledger.activate(activation(&active_x, &active_creds, 0)).await.unwrap(), Activation::Activated);
+
+    let release = |creds: &[CredentialRow]| {
+        let revokes = creds
+            .iter()
+            .map(|c| {
+                let job = NewJob {
+                    id: Uuid::now_v7(),
+                    kind: JobKind::Revoke,
+                    credential_id: c.id,
+                    kill_id: None,
+                    run_at: t0(),
+                };
+                (job, event("credential.revoke_requested", t0()))
+            })
+            .collect::<Vec<_>>();
+        (revokes, event("exchange.released", t0()))
+    };
+    let events = |dir: &TempDir| count(&raw(dir), "SELECT count(*) FROM audit_events");
+
+    let (revokes, e) = release(&active_creds);
+    assert_eq!(ledger.release_exchange(revokes, e).await.unwrap(), [RevokeRequest::Queued, RevokeRequest::Queued]);
+    let jobs = "SELECT count(*) FROM jobs WHERE kind = 'revoke'";
+    assert_eq!(count(&raw(&dir), jobs), 2);
+    let after_first = events(&dir);
+    let (revokes, e) = release(&active_creds);
+    assert_eq!(
+        ledger.release_exchange(revokes, e).await.unwrap(),
+        [RevokeRequest::AlreadyQueued, RevokeRequest::AlreadyQueued]
+    );
+    assert_eq!(count(&raw(&dir), jobs), 2, "no second job");
+    assert_eq!(events(&dir), after_first, "a repeated release writes nothing");
+
+    let (revokes, e) = release(&pending_creds);
+    assert_eq!(ledger.release_exchange(revokes, e).await.unwrap(), [RevokeRequest::Marked]);
+    assert!(ledger.credential(pending_creds[0].id).await.unwrap().unwrap().revoke_requested);
+    let after_mark = events(&dir);
+    let (revokes, e) = release(&pending_creds);
+    assert_eq!(ledger.release_exchange(revokes, e).await.unwrap(), [RevokeRequest::Marked]);
+    assert_eq!(events(&dir), after_mark, "marking again writes nothing");
+    assert_eq!(verified_events(&ledger).await.iter().filter(|e| e.body.contains("exchange.released")).count(), 2);
+}
