@@ -75,6 +75,8 @@ pub struct App {
     pub jwt: Arc<JwtBackend>,
     /// Seals revocation handles and signing keys.
     pub sealer: Sealer,
+    /// Signs checkpoints of the audit chain; `None` when `[audit] checkpoint_key_file` is unset.
+    pub checkpoint_key: Option<crate::checkpoint::CheckpointKey>,
     /// Admin keys by the SHA-256 of the key.
     pub admin_keys: AdminKeys,
     /// Prometheus metrics.

@@ -282,11 +282,28 @@ pub struct AdminKeyConfig {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// `"stdout"`, or a file path that JSON lines are appended to.
+    /// `"stdout"`, or a file path that JSON lines are appended to (reopened when rotated).
     pub stream: Option<String>,
+    /// The Ed25519 key (PKCS#8 PEM) that signs checkpoints of the audit chain. Kept outside the
+    /// database, so that whoever can write the store cannot forge a checkpoint. Made by
+    /// `latchkey init` and `latchkey dev`; without it no checkpoints are taken.
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often a checkpoint of the chain head is signed (when anything was appended since).
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde_compat")]
+    pub checkpoint_interval: Duration,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { stream: None, checkpoint_key_file: None, checkpoint_interval: default_checkpoint_interval() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -423,6 +440,9 @@ impl Config {
             if let Err(e) = check_issuer_url(&app.api_url) {
                 return invalid(format!("backends.github {}: api_url {e}", app.id));
             }
+        }
+        if self.audit.checkpoint_interval < Duration::from_secs(1) {
+            return invalid("audit.checkpoint_interval must be at least 1s".into());
         }
         if let Some(vault) = &self.backends.vault {
             vault.validate().map_err(|m| ConfigError::Invalid(format!("backends.vault: {m}")))?;

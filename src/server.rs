@@ -110,6 +110,16 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         )
         .context("serve refuses to start without its sealing key")?,
     };
+    let checkpoint_key = match &config.audit.checkpoint_key_file {
+        Some(path) => Some(
+            crate::checkpoint::CheckpointKey::load(&config.resolve(path))
+                .context("serve refuses to start without its configured checkpoint key")?,
+        ),
+        None => {
+            tracing::warn!("no [audit] checkpoint_key_file: the audit chain gets no signed checkpoints");
+            None
+        }
+    };
     let store_url = resolve_store_url(&config);
     let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
     let mut verifier =
@@ -159,6 +169,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
     let app = App {
         admin_keys: AdminKeys::new(&config.admin_keys),
+        checkpoint_key,
         clock,
         ledger,
         verifier,
@@ -274,6 +285,8 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     }
     if background {
         crate::worker::spawn_all(&app);
+        crate::checkpoint::spawn_periodic(&app);
+        crate::stream::spawn(&app)?;
         // Keys an issuer publishes ahead of a rotation are picked up before its first token.
         app.verifier.spawn_periodic_refresh(Duration::from_secs(300));
     }

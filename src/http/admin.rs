@@ -5,7 +5,7 @@
 //! naming the key; a call without a valid key is one too.
 
 use axum::Json;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -67,48 +67,6 @@ pub(super) async fn authorize(
 
 pub(super) fn request_id(req: &Request) -> String {
     req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct AuditQuery {
-    cursor: Option<String>,
-    limit: Option<usize>,
-}
-
-/// `GET /v1/audit`: the hash-chained event log, oldest first; the cursor is a sequence number.
-pub(super) async fn audit(State(app): State<AppState>, Query(q): Query<AuditQuery>, req: Request) -> Response {
-    let request_id = request_id(&req);
-    let (parts, _) = req.into_parts();
-    let result = async {
-        let who = authorize(&app, &parts, Role::Auditor, &request_id).await?;
-        tracing::debug!(admin = %who.name, role = who.role.as_str(), "audit read");
-        let after = match q.cursor.as_deref() {
-            None | Some("") => 0,
-            Some(c) => c
-                .parse::<i64>()
-                .map_err(|_| ApiError::invalid_request("cursor must be a sequence number", &request_id))?,
-        };
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-        let events =
-            app.ledger.events(after, limit).await.map_err(|e| ApiError::unavailable(e.to_string(), &request_id))?;
-        let next = if events.len() == limit { events.last().map(|e| e.seq.to_string()) } else { None };
-        let items: Vec<Value> = events
-            .iter()
-            .map(|e| {
-                json!({
-                    "seq": e.seq, "hash": e.hash, "prev_hash": e.prev_hash,
-                    "event": serde_json::from_str::<Value>(&e.body).unwrap_or(Value::Null),
-                })
-            })
-            .collect();
-        Ok::<_, ApiError>(json!({ "items": items, "next_cursor": next }))
-    }
-    .await;
-    match result {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 #[derive(Debug, Deserialize)]
