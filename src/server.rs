@@ -187,7 +187,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
 }
 
 /// `sqlite://relative.db` resolves against the config file's directory.
-fn resolve_store_url(config: &Config) -> String {
+pub fn resolve_store_url(config: &Config) -> String {
     match config.store.url.strip_prefix("sqlite://") {
         Some(path) => format!("sqlite://{}", config.resolve(std::path::Path::new(path)).display()),
         None => config.store.url.clone(),

@@ -73,13 +73,17 @@ pub(super) fn request_id(req: &Request) -> String {
 #[serde(deny_unknown_fields)]
 struct ExplainRequest {
     capability: String,
-    claims: serde_json::Map<String, Value>,
+    /// Claims as a token would carry them; or give `subject_token`.
+    claims: Option<serde_json::Map<String, Value>>,
+    /// A subject token, verified exactly as an exchange verifies it; its `jti` is not spent.
+    subject_token: Option<String>,
     /// The issuer id the claims are taken to come from; defaults to the policy's.
     issuer: Option<String>,
     narrow: Option<crate::policy::Narrowing>,
 }
 
-/// `POST /v1/explain`: the full decision trace for given claims, without minting or spending.
+/// `POST /v1/explain`: the full decision trace for given claims or a subject token, and whether
+/// a kill rule would block it, without minting or spending anything.
 pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Response {
     let request_id = request_id(&req);
     let (parts, body) = req.into_parts();
@@ -90,19 +94,71 @@ pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Respon
             .map_err(|e| ApiError::invalid_request(format!("malformed explain request: {e}"), &request_id))?;
         tracing::info!(admin = %who.name, capability = %r.capability, "explain");
         let policies = app.policies.get();
-        let issuer =
-            r.issuer.or_else(|| policies.policies.get(&r.capability).map(|p| p.issuer.clone())).unwrap_or_default();
-        let claims = match app.config.issuers.iter().find(|i| i.id == issuer) {
-            Some(i) => Claims::from_map_with(
-                &i.id,
-                i.kind,
-                i.repository_claim.as_deref(),
-                i.workflow_claim.as_deref(),
-                r.claims,
-            ),
-            None => Claims::from_map(&issuer, crate::config::IssuerKind::Generic, r.claims),
+        let (claims, token) = match (r.claims, r.subject_token) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ApiError::invalid_request("give claims or subject_token, not both", &request_id));
+            }
+            (None, Some(token)) => match app.verifier.verify(&token).await {
+                Ok(v) => {
+                    let single_use = app.verifier.issuer(&v.issuer).is_none_or(|i| i.single_use);
+                    let spent = match (single_use, v.jti()) {
+                        (true, Some(jti)) => app
+                            .ledger
+                            .jti_spent(&v.issuer, jti, &r.capability)
+                            .await
+                            .map_err(|e| ApiError::unavailable(e.to_string(), &request_id))?,
+                        _ => false,
+                    };
+                    let outcome = if spent { "replayed" } else { "valid" };
+                    (v.claims().clone(), json!({ "outcome": outcome, "issuer": v.issuer, "jti_spent": spent }))
+                }
+                Err(e) => {
+                    let token = json!({ "outcome": "rejected", "error": e.code(), "detail": e.to_string() });
+                    return Ok(json!({
+                        "capability": r.capability, "decision": "deny", "reason": "subject_token_rejected",
+                        "allowed": null, "policy_sha256": null, "trace": [], "token": token, "kill_rule": null,
+                    }));
+                }
+            },
+            (Some(map), None) => {
+                let issuer = r
+                    .issuer
+                    .or_else(|| policies.policies.get(&r.capability).map(|p| p.issuer.clone()))
+                    .unwrap_or_default();
+                let claims = match app.config.issuers.iter().find(|i| i.id == issuer) {
+                    Some(i) => Claims::from_map_with(
+                        &i.id,
+                        i.kind,
+                        i.repository_claim.as_deref(),
+                        i.workflow_claim.as_deref(),
+                        map,
+                    ),
+                    None => Claims::from_map(&issuer, crate::config::IssuerKind::Generic, map),
+                };
+                (claims, Value::Null)
+            }
         };
-        Ok::<_, ApiError>(explain_body(&policies.decide(&r.capability, &claims, r.narrow.as_ref())))
+        let decision = policies.decide(&r.capability, &claims, r.narrow.as_ref());
+        let mut body = explain_body(&decision);
+        // Step 3 as the exchange would apply it: the rules in force now, against this identity.
+        let mut kill_rule = Value::Null;
+        if let crate::policy::Outcome::Allow { agent, .. } = &decision.outcome {
+            let subject = crate::broker::claims_kill_subject(&claims, agent, &r.capability);
+            let now = app.clock.now();
+            if let Some(rule) = app.kills.get().state.rules.iter().find(|k| k.in_force(now) && k.selector.matches(&subject))
+            {
+                kill_rule = json!(rule.id);
+                body["decision"] = json!("deny");
+                body["reason"] = json!("killed");
+            }
+        }
+        if token["outcome"] == "replayed" {
+            body["decision"] = json!("deny");
+            body["reason"] = json!("replayed_jti");
+        }
+        body["token"] = token;
+        body["kill_rule"] = kill_rule;
+        Ok::<_, ApiError>(body)
     }
     .await;
     match result {
