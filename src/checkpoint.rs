@@ -317,11 +317,9 @@ pub async fn verify<S: AuditSource + ?Sized>(source: &S, req: VerifyRequest) -> 
     if from > 1 {
         match source.chain(from - 2, 1).await?.first() {
             Some(e) if e.seq == from - 1 => prev = parse_hash(&e.hash).unwrap_or(GENESIS_HASH),
-            _ => problems.push(Problem {
-                seq: from - 1,
-                kind: "gap",
-                message: format!("event {} is missing", from - 1),
-            }),
+            _ => {
+                problems.push(Problem { seq: from - 1, kind: "gap", message: format!("event {} is missing", from - 1) })
+            }
         }
     }
     let mut checkpoints: Vec<Checkpoint> = source.stored_checkpoints().await?;

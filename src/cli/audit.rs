@@ -505,7 +505,8 @@ async fn verify_local(
         (None, Some(c)) => crate::server::resolve_store_url(c),
         (None, None) => bail!("give --store sqlite://PATH (or --config) to verify offline"),
     };
-    let mut keys = public_keys.iter().map(|k| PublicKey::parse(k).map_err(anyhow::Error::msg)).collect::<Result<Vec<_>, _>>()?;
+    let mut keys =
+        public_keys.iter().map(|k| PublicKey::parse(k).map_err(anyhow::Error::msg)).collect::<Result<Vec<_>, _>>()?;
     if let Some(path) = key_path(key_file, config.as_ref())? {
         keys.push(CheckpointKey::load(&path)?.public_key());
     }
@@ -542,7 +543,12 @@ fn print_report(r: &Value) -> ExitCode {
         );
         println!("head hash {}", cell(&r["head_hash"]));
         if let Some(c) = r["last_good_checkpoint"].as_object() {
-            println!("last checkpoint: event {} signed at {} by key {}", cell(&c["seq"]), cell(&c["signed_at"]), cell(&c["key_id"]));
+            println!(
+                "last checkpoint: event {} signed at {} by key {}",
+                cell(&c["seq"]),
+                cell(&c["signed_at"]),
+                cell(&c["key_id"])
+            );
         }
         return ExitCode::SUCCESS;
     }

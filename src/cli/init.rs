@@ -34,7 +34,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("admin key (role admin, shown once; the config keeps only its SHA-256):");
     println!("  {admin_key}");
     println!();
-    println!("audit checkpoint public key (Ed25519, key id {}); keep a copy away from the server:", checkpoint_key.key_id());
+    println!(
+        "audit checkpoint public key (Ed25519, key id {}); keep a copy away from the server:",
+        checkpoint_key.key_id()
+    );
     println!("  {}", checkpoint_key.public_key().to_base64());
     println!();
     println!("next: edit latchkey.toml (audience, issuers, required_claims), then");

@@ -145,7 +145,8 @@ pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Respon
         if let crate::policy::Outcome::Allow { agent, .. } = &decision.outcome {
             let subject = crate::broker::claims_kill_subject(&claims, agent, &r.capability);
             let now = app.clock.now();
-            if let Some(rule) = app.kills.get().state.rules.iter().find(|k| k.in_force(now) && k.selector.matches(&subject))
+            if let Some(rule) =
+                app.kills.get().state.rules.iter().find(|k| k.in_force(now) && k.selector.matches(&subject))
             {
                 kill_rule = json!(rule.id);
                 body["decision"] = json!("deny");

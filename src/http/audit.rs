@@ -23,7 +23,8 @@ fn respond(result: Result<Response, ApiError>) -> Response {
 }
 
 fn query<T: DeserializeOwned>(raw: Option<&str>, rid: &str) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| ApiError::invalid_request(format!("malformed query: {e}"), rid))
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::invalid_request(format!("malformed query: {e}"), rid))
 }
 
 /// `GET /v1/credentials` (auditor).

@@ -35,8 +35,9 @@ use self::ops::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Re
 use self::read::{BUSY_TIMEOUT, ReadPool};
 use self::writer::{ChainHead, Command, Writer};
 use super::{
-    Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, CredentialState, ExchangeRow, Handle, Job, JobOutcome, KillEffect,
-    KillPage, KillState, KillTarget, Ledger, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
+    ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
+    LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -190,8 +191,9 @@ impl AuditFile {
         if !path.exists() {
             return Err(LedgerError::Unavailable(format!("{} does not exist", path.display())));
         }
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(db_err)?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(db_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
         let version = schema::version(&conn)?;
         if version == 0 {

@@ -19,8 +19,8 @@ use super::writer::ChainHead;
 use crate::audit::{AuditEvent, canonical_body, chain_hash};
 use crate::kill::{KillRule, KillSubject, Selector};
 use crate::ledger::{
-    Abort, Activate, Activation, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job, JobKind,
-    JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Abort, Activate, Activation, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job,
+    JobKind, JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 
 /// An exchange row as column values.

@@ -20,7 +20,7 @@ use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
 use crate::kill::Selector;
 use crate::ledger::{
-    Checkpoint, CredentialQuery, CredentialRow, ExchangeQuery, ExchangeRow, EventQuery, KillPage, KillState,
+    Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
     KillTarget, LedgerError, LiveCredential, StateFilter, StoredKey, StoredKill,
 };
 
