@@ -264,7 +264,8 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
     assert!(out.contains("truncated") && out.contains(&format!("ends at event {}", cp_seq - 2)), "{out}");
 
     // 3b. The tail and the stored checkpoints removed together: the stream's copy still tells.
-    wait_for(|| stream_seqs(&dir.join("audit.jsonl")).contains(&(cp_seq + 1)), "the stream to carry the checkpoint");
+    wait_for(|| stream_seqs(&dir.join("audit.jsonl")).contains(&(cp_seq + 1)), "the stream to carry the checkpoint")
+        .await;
     rusqlite::Connection::open(&cut).unwrap().execute("DELETE FROM audit_checkpoints", []).unwrap();
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--key-file", "checkpoint.key"], &dir);
     assert!(ok, "without any copy of the checkpoint the cut is invisible: {out}");
@@ -304,11 +305,12 @@ fn stream_seqs(path: &Path) -> Vec<i64> {
     stream_lines(path).iter().map(|l| l["seq"].as_i64().unwrap()).collect()
 }
 
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+/// Waits without blocking the runtime: the broker's stream runs on it.
+async fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -321,7 +323,7 @@ async fn the_stream_carries_every_event_as_the_api_shows_it_and_follows_rotation
     assert_eq!(t.exchange(&t.token(evil_claims()), "pr-review").await.status, StatusCode::FORBIDDEN);
     let api = list(&t, "/v1/audit?limit=1000").await;
     let last = items(&api).last().unwrap()["seq"].as_i64().unwrap();
-    wait_for(|| stream_seqs(&path).contains(&last), "the stream to catch up");
+    wait_for(|| stream_seqs(&path).contains(&last), "the stream to catch up").await;
     // Each line is exactly the API's item: one schema.
     let lines = stream_lines(&path);
     for item in items(&api) {
@@ -337,7 +339,7 @@ async fn the_stream_carries_every_event_as_the_api_shows_it_and_follows_rotation
     std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
     assert_eq!(t.exchange(&t.token(staging_claims()), "deploy-staging").await.status, StatusCode::OK);
     let head = items(&list(&t, "/v1/audit?limit=1000").await).last().unwrap()["seq"].as_i64().unwrap();
-    wait_for(|| stream_seqs(&path).contains(&head), "the stream to reopen its file");
+    wait_for(|| stream_seqs(&path).contains(&head), "the stream to reopen its file").await;
     let mut all = stream_seqs(&dir.join("audit.jsonl.1"));
     all.extend(stream_seqs(&path));
     assert_eq!(all, (1..=*all.last().unwrap()).collect::<Vec<i64>>(), "every event exactly once, in order");
