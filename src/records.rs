@@ -252,11 +252,9 @@ pub struct ExchangeView {
 
 impl From<ExchangeRow> for ExchangeView {
     fn from(r: ExchangeRow) -> Self {
-        let run_id = match r.claims.get("run_id") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
+        // As the audit events name it: GitHub Actions' `run_id`, GitLab's `pipeline_id`.
+        let run_id =
+            ["run_id", "pipeline_id"].iter().find_map(|k| r.claims.get(*k).and_then(crate::policy::claim_text));
         ExchangeView {
             id: r.id,
             request_id: r.request_id,
