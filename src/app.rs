@@ -77,8 +77,8 @@ pub struct App {
     pub sealer: Sealer,
     /// Signs checkpoints of the audit chain; `None` when `[audit] checkpoint_key_file` is unset.
     pub checkpoint_key: Option<crate::checkpoint::CheckpointKey>,
-    /// Admin keys by the SHA-256 of the key.
-    pub admin_keys: AdminKeys,
+    /// Admin keys by the SHA-256 of the key; replaced whole when SIGHUP re-reads the config.
+    pub admin_keys: Swap<AdminKeys>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes the job worker before its next tick: a kill or a revocation request has just

@@ -52,6 +52,9 @@ pub struct Config {
     /// Directory the config file lives in; relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file this was loaded from (`None` for `latchkey dev`): SIGHUP re-reads its admin keys.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +341,7 @@ impl Config {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut config = Self::parse(&text, path)?;
         config.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        config.path = Some(path.to_owned());
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate()?;
         Ok(config)

@@ -168,7 +168,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     })?;
     let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
     let app = App {
-        admin_keys: AdminKeys::new(&config.admin_keys),
+        admin_keys: Swap::new(AdminKeys::new(&config.admin_keys)),
         checkpoint_key,
         clock,
         ledger,

@@ -39,7 +39,7 @@ pub(super) async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
-    let found = presented.and_then(|k| app.admin_keys.lookup(k));
+    let found = presented.and_then(|k| app.admin_keys.get().lookup(k));
     let mut event = AuditEvent::new("admin.call", app.clock.now());
     event.request_id = Some(request_id.to_owned());
     let (result, outcome) = match found {

@@ -489,6 +489,40 @@ async fn the_cli_lists_follows_checkpoints_verifies_and_explains() {
 }
 
 #[tokio::test]
+async fn admin_keys_reload_from_the_config_without_a_restart() {
+    let t = TestApp::builder().no_background().start().await;
+    let path = t.dir.path().join("latchkey.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let new_key = "lk_test_new_auditor";
+    assert_eq!(t.get("/v1/credentials", Some(new_key)).await.status, StatusCode::UNAUTHORIZED);
+    // Add a key and revoke the old auditor key (its entry now names another hash).
+    let auditor_hash = crate::support::test_app::sha256_hex(AUDITOR_KEY);
+    let edited = original.replace(&auditor_hash, &"0".repeat(64))
+        + &format!(
+            "\n[[admin_key]]\nname = \"new-auditor\"\nrole = \"auditor\"\nsha256 = \"{}\"\n",
+            crate::support::test_app::sha256_hex(new_key)
+        );
+    std::fs::write(&path, &edited).unwrap();
+    assert!(latchkey::worker::reload_admin_keys(&t.app).await);
+    assert_eq!(t.get("/v1/credentials", Some(new_key)).await.status, StatusCode::OK);
+    assert_eq!(t.get("/v1/credentials", Some(AUDITOR_KEY)).await.status, StatusCode::UNAUTHORIZED);
+    // A file that no longer loads changes nothing, and says so in the audit trail.
+    std::fs::write(&path, edited.replace("[[admin_key]]", "[[admin_keyy]]")).unwrap();
+    assert!(!latchkey::worker::reload_admin_keys(&t.app).await);
+    assert_eq!(t.get("/v1/credentials", Some(new_key)).await.status, StatusCode::OK);
+    let events = list_as(&t, new_key, "/v1/audit?event=admin.keys_*").await;
+    let names: Vec<_> = items(&events).iter().map(|i| i["event"]["event"].clone()).collect();
+    assert_eq!(names, [json!("admin.keys_reloaded"), json!("admin.keys_reload_failed")]);
+    assert!(!events.to_string().contains(&auditor_hash), "key hashes stay out of the trail");
+}
+
+async fn list_as(t: &TestApp, key: &str, path: &str) -> Value {
+    let a = t.get(path, Some(key)).await;
+    assert_eq!(a.status, StatusCode::OK, "{path}: {}", a.text);
+    a.body
+}
+
+#[tokio::test]
 async fn the_audit_api_is_described_in_openapi() {
     let t = TestApp::builder().no_background().start().await;
     let o = t.get("/openapi.json", None).await;
