@@ -44,6 +44,8 @@ pub struct Config {
     pub admin_keys: Vec<AdminKeyConfig>,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// An optional corporate identity provider whose tokens are admin credentials too.
+    pub admin_oidc: Option<AdminOidcConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
     /// Set by `latchkey dev` only: the built-in development issuer. Not accepted from a file.
@@ -285,6 +287,52 @@ pub struct AdminKeyConfig {
     pub sha256: String,
 }
 
+/// `[admin_oidc]`: people sign in to the admin API with their corporate IdP's ID tokens, beside
+/// the admin keys. The token's groups claim maps to a role; a token none of whose groups is
+/// mapped gets nothing. Verified like any issuer: keys only from its discovery/JWKS, the
+/// algorithm allow-list, `aud`, `exp`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminOidcConfig {
+    /// The IdP's issuer URL, compared exactly with `iss` and the discovered `issuer`.
+    pub issuer: String,
+    /// Required in the token's `aud` (the client id latchkey is registered as).
+    pub audience: String,
+    /// The claim holding the user's groups (a list of strings, or one string).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Group → role, e.g. `{ "sec-oncall" = "security", "auditors" = "auditor" }`; the highest
+    /// role of the user's mapped groups applies.
+    pub roles: BTreeMap<String, Role>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub jwks_uri: Option<String>,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+impl AdminOidcConfig {
+    /// As an issuer of the OIDC verifier: never single-use (a person reuses a token until it
+    /// expires), no canonical repository mapping.
+    pub fn issuer_config(&self) -> IssuerConfig {
+        IssuerConfig {
+            id: "admin-oidc".into(),
+            kind: IssuerKind::Generic,
+            url: self.issuer.clone(),
+            algorithms: self.algorithms.clone(),
+            max_token_age: None,
+            single_use: false,
+            required_claims: BTreeMap::new(),
+            jwks_uri: self.jwks_uri.clone(),
+            audience: Some(self.audience.clone()),
+            repository_claim: None,
+            workflow_claim: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
@@ -443,6 +491,23 @@ impl Config {
             // The app JWT and installation tokens travel to this URL.
             if let Err(e) = check_issuer_url(&app.api_url) {
                 return invalid(format!("backends.github {}: api_url {e}", app.id));
+            }
+        }
+        if let Some(admin) = &self.admin_oidc {
+            let bad = |m: String| ConfigError::Invalid(format!("admin_oidc: {m}"));
+            check_issuer_url(&admin.issuer).map_err(|m| bad(format!("issuer {m}")))?;
+            if let Some(jwks) = &admin.jwks_uri {
+                check_issuer_url(jwks).map_err(|m| bad(format!("jwks_uri {m}")))?;
+            }
+            if admin.audience.trim().is_empty() {
+                return Err(bad("audience must not be empty".into()));
+            }
+            if admin.roles.is_empty() {
+                return Err(bad("roles must map at least one group to a role".into()));
+            }
+            if admin.algorithms.is_empty() || admin.algorithms.iter().any(|a| !ALLOWED_ALGORITHMS.contains(&a.as_str()))
+            {
+                return Err(bad(format!("algorithms must be among {}", ALLOWED_ALGORITHMS.join(", "))));
             }
         }
         if self.audit.checkpoint_interval < Duration::from_secs(1) {
@@ -626,6 +691,23 @@ token_role = "latchkey"
         assert!(err.to_string().contains("https"), "{err}");
         let text = format!("{MINIMAL}{VAULT}token = \"inline\"\n");
         assert!(Config::parse(&text, Path::new("x.toml")).is_err(), "no inline token, no unknown key");
+    }
+
+    #[test]
+    fn admin_oidc_is_checked_like_an_issuer() {
+        let check = |table: &str| {
+            let c = Config::parse(&format!("{MINIMAL}\n[admin_oidc]\n{table}"), Path::new("x.toml")).unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let ok = "issuer = \"https://idp.example.com\"\naudience = \"latchkey\"\nroles = { \"sec\" = \"security\" }\n";
+        check(ok).unwrap();
+        assert!(check(&ok.replace("https://idp", "http://idp")).unwrap_err().contains("https"));
+        assert!(check(&ok.replace("{ \"sec\" = \"security\" }", "{}")).unwrap_err().contains("roles"));
+        assert!(check(&format!("{ok}algorithms = [\"HS256\"]\n")).unwrap_err().contains("algorithms"));
+        let c = Config::parse(&format!("{MINIMAL}\n[admin_oidc]\n{ok}"), Path::new("x.toml")).unwrap();
+        let issuer = c.admin_oidc.unwrap().issuer_config();
+        assert!(!issuer.single_use, "a person reuses an ID token until it expires");
+        assert_eq!(issuer.audience.as_deref(), Some("latchkey"));
     }
 
     #[test]

@@ -120,6 +120,12 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
             None
         }
     };
+    let admin_oidc = config
+        .admin_oidc
+        .as_ref()
+        .map(|c| crate::app::AdminOidc::new(c, config.limits.outbound_timeout, clock.clone()))
+        .transpose()
+        .context("configuring [admin_oidc]")?;
     let store_url = resolve_store_url(&config);
     let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
     let mut verifier =
@@ -169,6 +175,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
     let app = App {
         admin_keys: Swap::new(AdminKeys::new(&config.admin_keys)),
+        admin_oidc: Swap::new(admin_oidc),
         checkpoint_key,
         clock,
         ledger,

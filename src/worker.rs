@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::app::{AdminKeys, App, AppState, KillSnapshot};
+use crate::app::{AdminKeys, AdminOidc, App, AppState, KillSnapshot};
 use crate::audit::AuditEvent;
 use crate::backend::BackendError;
 use crate::config::Config;
@@ -297,8 +297,9 @@ async fn watch_policies(app: AppState, mut last: BTreeMap<PathBuf, (u64, Option<
     }
 }
 
-/// Re-reads the configuration file and swaps in its `[[admin_key]]` entries, so that a key can
-/// be added or revoked without a restart (on SIGHUP). A file that no longer loads changes
+/// Re-reads the configuration file and swaps in its `[[admin_key]]` entries and its
+/// `[admin_oidc]` identity provider, so that a key can be added or revoked without a restart (on
+/// SIGHUP). A file that no longer loads changes
 /// nothing. Either way the outcome is an audit event; the event names the keys and roles, never
 /// their hashes. Only the admin keys are taken from the file: every other setting needs a
 /// restart.
@@ -307,6 +308,20 @@ pub async fn reload_admin_keys(app: &App) -> bool {
     let now = app.clock.now();
     let (ok, mut event) = match Config::load(path) {
         Ok(config) => {
+            // A changed identity provider gets a fresh verifier; an unchanged one keeps its
+            // key cache.
+            let current = app.admin_oidc.get().as_ref().as_ref().map(|o| o.config.clone());
+            if current != config.admin_oidc {
+                match config
+                    .admin_oidc
+                    .as_ref()
+                    .map(|c| AdminOidc::new(c, app.config.limits.outbound_timeout, app.clock.clone()))
+                    .transpose()
+                {
+                    Ok(idp) => app.admin_oidc.set(idp),
+                    Err(e) => tracing::error!(error = %e, "the new [admin_oidc] does not load; the old one stays"),
+                }
+            }
             app.admin_keys.set(AdminKeys::new(&config.admin_keys));
             let keys: Vec<_> =
                 config.admin_keys.iter().map(|k| serde_json::json!({ "name": k.name, "role": k.role })).collect();

@@ -22,8 +22,11 @@ use crate::oidc::Claims;
 /// Who made an admin call.
 #[derive(Debug, Clone)]
 pub struct AdminIdentity {
+    /// The admin key's name, or `oidc:<sub>` for a person signed in through `[admin_oidc]`.
     pub name: String,
     pub role: Role,
+    /// How the audit trail names the caller: `admin-key:<name>` or `oidc:<sub>`.
+    pub actor: String,
 }
 
 /// Checks the admin key against `min`, and records the call in the audit trail.
@@ -39,15 +42,29 @@ pub(super) async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
-    let found = presented.and_then(|k| app.admin_keys.get().lookup(k));
+    let mut via = "admin_key";
+    let mut refused = None;
+    let mut found =
+        presented.and_then(|k| app.admin_keys.get().lookup(k)).map(|(n, r)| (format!("admin-key:{n}"), n, r));
+    if found.is_none()
+        && let Some(token) = presented.filter(|p| crate::app::AdminOidc::looks_like_token(p))
+        && let Some(idp) = app.admin_oidc.get().as_ref()
+    {
+        via = "admin_oidc";
+        match idp.authenticate(token).await {
+            Ok((user, role)) => found = Some((user.clone(), user, role)),
+            Err(why) => refused = Some(why),
+        }
+    }
     let mut event = AuditEvent::new("admin.call", app.clock.now());
     event.request_id = Some(request_id.to_owned());
+    event.reason = refused;
     let (result, outcome) = match found {
         None => (Err(ApiError::unauthorized(request_id)), "unauthenticated"),
-        Some((name, role)) => {
-            event.actor = Some(format!("admin-key:{name}"));
+        Some((actor, name, role)) => {
+            event.actor = Some(actor.clone());
             if role >= min {
-                (Ok(AdminIdentity { name, role }), "allowed")
+                (Ok(AdminIdentity { name, role, actor }), "allowed")
             } else {
                 let msg = format!("this call needs the {} role", min.as_str());
                 (Err(ApiError::forbidden(msg, request_id)), "forbidden")
@@ -55,8 +72,9 @@ pub(super) async fn authorize(
         }
     };
     event.decision = Some(outcome.into());
-    event.detail =
-        Some(json!({ "method": parts.method.as_str(), "path": parts.uri.path(), "required_role": min.as_str() }));
+    event.detail = Some(
+        json!({ "method": parts.method.as_str(), "path": parts.uri.path(), "required_role": min.as_str(), "via": via }),
+    );
     if let Err(e) = app.ledger.append_event(event).await {
         // An admin call that cannot be audited does not happen.
         tracing::error!(error = %e, "could not audit an admin call");

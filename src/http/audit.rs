@@ -80,8 +80,8 @@ pub(super) async fn checkpoint(State(app): State<AppState>, req: Request) -> Res
     respond(
         async {
             let who = authorize(&app, &parts, Role::Admin, &rid).await?;
-            let actor = format!("admin-key:{}", who.name);
-            let c = checkpoint::take(&app, &actor, Some(&rid)).await.map_err(|e| ApiError::from_checkpoint(e, &rid))?;
+            let c =
+                checkpoint::take(&app, &who.actor, Some(&rid)).await.map_err(|e| ApiError::from_checkpoint(e, &rid))?;
             Ok((StatusCode::CREATED, Json(c)).into_response())
         }
         .await,

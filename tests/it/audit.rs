@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::test_app::{ADMIN_KEY, AUDITOR_KEY, SECURITY_KEY, SERVICE_KEY, TestApp};
+use crate::support::test_app::{ADMIN_KEY, AUDITOR_KEY, SECURITY_KEY, SERVICE_KEY, TestApp, TestIssuer};
 
 /// Claims the example `pr-review` policy (agent `pr-reviewer`, a jwt grant) allows.
 fn pr_claims() -> Value {
@@ -514,6 +514,45 @@ async fn admin_keys_reload_from_the_config_without_a_restart() {
     let names: Vec<_> = items(&events).iter().map(|i| i["event"]["event"].clone()).collect();
     assert_eq!(names, [json!("admin.keys_reloaded"), json!("admin.keys_reload_failed")]);
     assert!(!events.to_string().contains(&auditor_hash), "key hashes stay out of the trail");
+}
+
+#[tokio::test]
+async fn people_sign_in_through_the_admin_identity_provider_whose_groups_map_to_roles() {
+    let idp = TestIssuer::start_with_kid("idp-key").await;
+    let t = TestApp::builder()
+        .config(&format!(
+            "[admin_oidc]\nissuer = \"{}\"\naudience = \"latchkey-admin\"\nalgorithms = [\"ES256\"]\n\
+             roles = {{ \"sec-oncall\" = \"security\", \"auditors\" = \"auditor\" }}\n",
+            idp.url
+        ))
+        .start()
+        .await;
+    let person = |sub: &str, groups: Value| idp.token(json!({ "aud": "latchkey-admin", "sub": sub, "groups": groups }));
+    let alice = person("alice@example.com", json!(["staff", "auditors"]));
+    assert_eq!(t.get("/v1/credentials", Some(&alice)).await.status, StatusCode::OK);
+    let kill = json!({ "selector": { "agent": "pr-reviewer" }, "reason": "drill", "dry_run": true });
+    assert_eq!(t.post_json("/v1/kills", Some(&alice), &kill).await.status, StatusCode::FORBIDDEN, "auditor only");
+    let bob = person("bob@example.com", json!(["sec-oncall"]));
+    let dry = t.post_json("/v1/kills", Some(&bob), &kill).await;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.text);
+
+    // No mapped group, another audience, another issuer: nothing.
+    let mallory = person("mallory@example.com", json!(["staff"]));
+    let wrong_aud = idp.token(json!({ "aud": "something-else", "sub": "eve", "groups": ["sec-oncall"] }));
+    let ci_token = t.token(json!({ "aud": "latchkey-admin", "groups": ["sec-oncall"] }));
+    for token in [&mallory, &wrong_aud, &ci_token] {
+        assert_eq!(t.get("/v1/credentials", Some(token)).await.status, StatusCode::UNAUTHORIZED);
+    }
+
+    // The trail names the person, and why a token was refused.
+    let calls = list(&t, "/v1/audit?event=admin.call&limit=1000").await;
+    let actors: Vec<_> = items(&calls).iter().map(|i| i["event"]["actor"].clone()).collect();
+    assert!(actors.contains(&json!("oidc:alice@example.com")) && actors.contains(&json!("oidc:bob@example.com")));
+    let refused =
+        items(&calls).into_iter().find(|i| i["event"]["reason"].as_str().is_some_and(|r| r.contains("mallory")));
+    assert!(refused.unwrap()["event"]["reason"].as_str().unwrap().contains("none of its groups"));
+    let dry_run = list(&t, "/v1/audit?event=kill.dry_run").await;
+    assert_eq!(items(&dry_run)[0]["event"]["actor"], "oidc:bob@example.com");
 }
 
 async fn list_as(t: &TestApp, key: &str, path: &str) -> Value {
