@@ -75,8 +75,12 @@ pub struct App {
     pub jwt: Arc<JwtBackend>,
     /// Seals revocation handles and signing keys.
     pub sealer: Sealer,
-    /// Admin keys by the SHA-256 of the key.
-    pub admin_keys: AdminKeys,
+    /// Signs checkpoints of the audit chain; `None` when `[audit] checkpoint_key_file` is unset.
+    pub checkpoint_key: Option<crate::checkpoint::CheckpointKey>,
+    /// Admin keys by the SHA-256 of the key; replaced whole when SIGHUP re-reads the config.
+    pub admin_keys: Swap<AdminKeys>,
+    /// The admin identity provider (`[admin_oidc]`), if any; replaced on SIGHUP like the keys.
+    pub admin_oidc: Swap<Option<AdminOidc>>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes the job worker before its next tick: a kill or a revocation request has just
@@ -148,6 +152,44 @@ impl AdminKeys {
             }
         }
         found
+    }
+}
+
+/// The admin identity provider: a verifier for its tokens and the group → role map.
+#[derive(Debug)]
+pub struct AdminOidc {
+    pub config: crate::config::AdminOidcConfig,
+    verifier: Verifier,
+}
+
+impl AdminOidc {
+    pub fn new(
+        config: &crate::config::AdminOidcConfig,
+        outbound_timeout: std::time::Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, crate::oidc::OidcError> {
+        let verifier = Verifier::new(&[config.issuer_config()], &config.audience, outbound_timeout, clock)?;
+        Ok(AdminOidc { config: config.clone(), verifier })
+    }
+
+    /// Whether `presented` looks like a JWT rather than an admin key.
+    pub fn looks_like_token(presented: &str) -> bool {
+        presented.split('.').count() == 3
+    }
+
+    /// The user (`oidc:<sub>`) and the highest role their groups map to. `Err` with a reason when
+    /// the token does not verify or maps to no role.
+    pub async fn authenticate(&self, token: &str) -> Result<(String, Role), String> {
+        let v = self.verifier.verify(token).await.map_err(|e| format!("admin token rejected: {e}"))?;
+        let claims = &v.claims().claims;
+        let groups: Vec<&str> = match claims.get(&self.config.groups_claim) {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|g| g.as_str()).collect(),
+            Some(serde_json::Value::String(g)) => vec![g.as_str()],
+            _ => Vec::new(),
+        };
+        let role = groups.iter().filter_map(|g| self.config.roles.get(*g)).max().copied();
+        let user = format!("oidc:{}", v.claims().subject);
+        role.map(|r| (user.clone(), r)).ok_or_else(|| format!("{user}: none of its groups maps to a role"))
     }
 }
 

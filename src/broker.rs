@@ -396,6 +396,12 @@ fn new_release_token() -> (SecretString, String) {
 }
 
 pub(crate) fn kill_subject(claims: &VerifiedClaims, agent: &str, capability: &str) -> KillSubject {
+    claims_kill_subject(claims.claims(), agent, capability)
+}
+
+/// What kill selectors are matched against, for claims that were not (or not yet) verified:
+/// `/v1/explain` asks whether a rule would block them.
+pub(crate) fn claims_kill_subject(claims: &crate::oidc::Claims, agent: &str, capability: &str) -> KillSubject {
     KillSubject {
         agent: agent.to_owned(),
         capability: capability.to_owned(),
@@ -403,7 +409,7 @@ pub(crate) fn kill_subject(claims: &VerifiedClaims, agent: &str, capability: &st
         subject: claims.subject.clone(),
         repository: claims.repository.clone(),
         workflow: claims.workflow.clone(),
-        claims: claims.claims().claims.clone(),
+        claims: claims.claims.clone(),
         credentials: Vec::new(),
     }
 }

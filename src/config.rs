@@ -44,6 +44,8 @@ pub struct Config {
     pub admin_keys: Vec<AdminKeyConfig>,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// An optional corporate identity provider whose tokens are admin credentials too.
+    pub admin_oidc: Option<AdminOidcConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
     /// Set by `latchkey dev` only: the built-in development issuer. Not accepted from a file.
@@ -52,6 +54,9 @@ pub struct Config {
     /// Directory the config file lives in; relative paths in it resolve against this.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file this was loaded from (`None` for `latchkey dev`): SIGHUP re-reads its admin keys.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,11 +287,74 @@ pub struct AdminKeyConfig {
     pub sha256: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[admin_oidc]`: people sign in to the admin API with their corporate IdP's ID tokens, beside
+/// the admin keys. The token's groups claim maps to a role; a token none of whose groups is
+/// mapped gets nothing. Verified like any issuer: keys only from its discovery/JWKS, the
+/// algorithm allow-list, `aud`, `exp`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminOidcConfig {
+    /// The IdP's issuer URL, compared exactly with `iss` and the discovered `issuer`.
+    pub issuer: String,
+    /// Required in the token's `aud` (the client id latchkey is registered as).
+    pub audience: String,
+    /// The claim holding the user's groups (a list of strings, or one string).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Group → role, e.g. `{ "sec-oncall" = "security", "auditors" = "auditor" }`; the highest
+    /// role of the user's mapped groups applies.
+    pub roles: BTreeMap<String, Role>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub jwks_uri: Option<String>,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+impl AdminOidcConfig {
+    /// As an issuer of the OIDC verifier: never single-use (a person reuses a token until it
+    /// expires), no canonical repository mapping.
+    pub fn issuer_config(&self) -> IssuerConfig {
+        IssuerConfig {
+            id: "admin-oidc".into(),
+            kind: IssuerKind::Generic,
+            url: self.issuer.clone(),
+            algorithms: self.algorithms.clone(),
+            max_token_age: None,
+            single_use: false,
+            required_claims: BTreeMap::new(),
+            jwks_uri: self.jwks_uri.clone(),
+            audience: Some(self.audience.clone()),
+            repository_claim: None,
+            workflow_claim: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// `"stdout"`, or a file path that JSON lines are appended to.
+    /// `"stdout"`, or a file path that JSON lines are appended to (reopened when rotated).
     pub stream: Option<String>,
+    /// The Ed25519 key (PKCS#8 PEM) that signs checkpoints of the audit chain. Kept outside the
+    /// database, so that whoever can write the store cannot forge a checkpoint. Made by
+    /// `latchkey init` and `latchkey dev`; without it no checkpoints are taken.
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often a checkpoint of the chain head is signed (when anything was appended since).
+    #[serde(default = "default_checkpoint_interval", with = "humantime_serde_compat")]
+    pub checkpoint_interval: Duration,
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { stream: None, checkpoint_key_file: None, checkpoint_interval: default_checkpoint_interval() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -321,6 +389,7 @@ impl Config {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let mut config = Self::parse(&text, path)?;
         config.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        config.path = Some(path.to_owned());
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate()?;
         Ok(config)
@@ -423,6 +492,26 @@ impl Config {
             if let Err(e) = check_issuer_url(&app.api_url) {
                 return invalid(format!("backends.github {}: api_url {e}", app.id));
             }
+        }
+        if let Some(admin) = &self.admin_oidc {
+            let bad = |m: String| ConfigError::Invalid(format!("admin_oidc: {m}"));
+            check_issuer_url(&admin.issuer).map_err(|m| bad(format!("issuer {m}")))?;
+            if let Some(jwks) = &admin.jwks_uri {
+                check_issuer_url(jwks).map_err(|m| bad(format!("jwks_uri {m}")))?;
+            }
+            if admin.audience.trim().is_empty() {
+                return Err(bad("audience must not be empty".into()));
+            }
+            if admin.roles.is_empty() {
+                return Err(bad("roles must map at least one group to a role".into()));
+            }
+            if admin.algorithms.is_empty() || admin.algorithms.iter().any(|a| !ALLOWED_ALGORITHMS.contains(&a.as_str()))
+            {
+                return Err(bad(format!("algorithms must be among {}", ALLOWED_ALGORITHMS.join(", "))));
+            }
+        }
+        if self.audit.checkpoint_interval < Duration::from_secs(1) {
+            return invalid("audit.checkpoint_interval must be at least 1s".into());
         }
         if let Some(vault) = &self.backends.vault {
             vault.validate().map_err(|m| ConfigError::Invalid(format!("backends.vault: {m}")))?;
@@ -602,6 +691,23 @@ token_role = "latchkey"
         assert!(err.to_string().contains("https"), "{err}");
         let text = format!("{MINIMAL}{VAULT}token = \"inline\"\n");
         assert!(Config::parse(&text, Path::new("x.toml")).is_err(), "no inline token, no unknown key");
+    }
+
+    #[test]
+    fn admin_oidc_is_checked_like_an_issuer() {
+        let check = |table: &str| {
+            let c = Config::parse(&format!("{MINIMAL}\n[admin_oidc]\n{table}"), Path::new("x.toml")).unwrap();
+            c.validate().map_err(|e| e.to_string())
+        };
+        let ok = "issuer = \"https://idp.example.com\"\naudience = \"latchkey\"\nroles = { \"sec\" = \"security\" }\n";
+        check(ok).unwrap();
+        assert!(check(&ok.replace("https://idp", "http://idp")).unwrap_err().contains("https"));
+        assert!(check(&ok.replace("{ \"sec\" = \"security\" }", "{}")).unwrap_err().contains("roles"));
+        assert!(check(&format!("{ok}algorithms = [\"HS256\"]\n")).unwrap_err().contains("algorithms"));
+        let c = Config::parse(&format!("{MINIMAL}\n[admin_oidc]\n{ok}"), Path::new("x.toml")).unwrap();
+        let issuer = c.admin_oidc.unwrap().issuer_config();
+        assert!(!issuer.single_use, "a person reuses an ID token until it expires");
+        assert_eq!(issuer.audience.as_deref(), Some("latchkey"));
     }
 
     #[test]

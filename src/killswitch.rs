@@ -62,13 +62,15 @@ impl KillSwitchError {
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
     pub key_name: &'a str,
+    /// How the audit trail names the caller: `admin-key:<name>` or `oidc:<sub>`.
+    pub actor: &'a str,
     pub request_id: &'a str,
 }
 
 impl Caller<'_> {
     fn event(&self, name: &str, now: DateTime<Utc>) -> AuditEvent {
         let mut e = AuditEvent::new(name, now);
-        e.actor = Some(format!("admin-key:{}", self.key_name));
+        e.actor = Some(self.actor.to_owned());
         e.request_id = Some(self.request_id.to_owned());
         e
     }

@@ -110,6 +110,22 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         )
         .context("serve refuses to start without its sealing key")?,
     };
+    let checkpoint_key = match &config.audit.checkpoint_key_file {
+        Some(path) => Some(
+            crate::checkpoint::CheckpointKey::load(&config.resolve(path))
+                .context("serve refuses to start without its configured checkpoint key")?,
+        ),
+        None => {
+            tracing::warn!("no [audit] checkpoint_key_file: the audit chain gets no signed checkpoints");
+            None
+        }
+    };
+    let admin_oidc = config
+        .admin_oidc
+        .as_ref()
+        .map(|c| crate::app::AdminOidc::new(c, config.limits.outbound_timeout, clock.clone()))
+        .transpose()
+        .context("configuring [admin_oidc]")?;
     let store_url = resolve_store_url(&config);
     let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
     let mut verifier =
@@ -158,7 +174,9 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     })?;
     let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
     let app = App {
-        admin_keys: AdminKeys::new(&config.admin_keys),
+        admin_keys: Swap::new(AdminKeys::new(&config.admin_keys)),
+        admin_oidc: Swap::new(admin_oidc),
+        checkpoint_key,
         clock,
         ledger,
         verifier,
@@ -176,7 +194,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
 }
 
 /// `sqlite://relative.db` resolves against the config file's directory.
-fn resolve_store_url(config: &Config) -> String {
+pub fn resolve_store_url(config: &Config) -> String {
     match config.store.url.strip_prefix("sqlite://") {
         Some(path) => format!("sqlite://{}", config.resolve(std::path::Path::new(path)).display()),
         None => config.store.url.clone(),
@@ -274,6 +292,8 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     }
     if background {
         crate::worker::spawn_all(&app);
+        crate::checkpoint::spawn_periodic(&app);
+        crate::stream::spawn(&app)?;
         // Keys an issuer publishes ahead of a rotation are picked up before its first token.
         app.verifier.spawn_periodic_refresh(Duration::from_secs(300));
     }

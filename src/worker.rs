@@ -11,9 +11,10 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::app::{App, AppState, KillSnapshot};
+use crate::app::{AdminKeys, AdminOidc, App, AppState, KillSnapshot};
 use crate::audit::AuditEvent;
 use crate::backend::{BackendError, Upkeep};
+use crate::config::Config;
 use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, KillPage, LedgerError};
 use crate::metrics::JobLabels;
 use crate::policy::PolicySet;
@@ -360,6 +361,9 @@ async fn watch_policies(app: AppState, mut last: BTreeMap<PathBuf, (u64, Option<
             tick.tick().await;
             false
         };
+        if forced {
+            reload_admin_keys(&app).await;
+        }
         let now = dir_signature(&dir);
         if now == last && !forced {
             continue;
@@ -367,6 +371,52 @@ async fn watch_policies(app: AppState, mut last: BTreeMap<PathBuf, (u64, Option<
         last = now;
         reload_policies(&app).await;
     }
+}
+
+/// Re-reads the configuration file and swaps in its `[[admin_key]]` entries and its
+/// `[admin_oidc]` identity provider, so that a key can be added or revoked without a restart (on
+/// SIGHUP). A file that no longer loads changes
+/// nothing. Either way the outcome is an audit event; the event names the keys and roles, never
+/// their hashes. Only the admin keys are taken from the file: every other setting needs a
+/// restart.
+pub async fn reload_admin_keys(app: &App) -> bool {
+    let Some(path) = &app.config.path else { return false };
+    let now = app.clock.now();
+    let (ok, mut event) = match Config::load(path) {
+        Ok(config) => {
+            // A changed identity provider gets a fresh verifier; an unchanged one keeps its
+            // key cache.
+            let current = app.admin_oidc.get().as_ref().as_ref().map(|o| o.config.clone());
+            if current != config.admin_oidc {
+                match config
+                    .admin_oidc
+                    .as_ref()
+                    .map(|c| AdminOidc::new(c, app.config.limits.outbound_timeout, app.clock.clone()))
+                    .transpose()
+                {
+                    Ok(idp) => app.admin_oidc.set(idp),
+                    Err(e) => tracing::error!(error = %e, "the new [admin_oidc] does not load; the old one stays"),
+                }
+            }
+            app.admin_keys.set(AdminKeys::new(&config.admin_keys));
+            let keys: Vec<_> =
+                config.admin_keys.iter().map(|k| serde_json::json!({ "name": k.name, "role": k.role })).collect();
+            let mut e = AuditEvent::new("admin.keys_reloaded", now);
+            e.detail = Some(serde_json::json!({ "keys": keys }));
+            (true, e)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "admin keys not reloaded: the configuration does not load");
+            let mut e = AuditEvent::new("admin.keys_reload_failed", now);
+            e.reason = Some(err.to_string());
+            (false, e)
+        }
+    };
+    event.actor = Some("system".into());
+    if let Err(e) = app.ledger.append_event(event).await {
+        tracing::error!(error = %e, "could not audit an admin key reload");
+    }
+    ok
 }
 
 /// Loads the policy directory and swaps it in if it loads cleanly.

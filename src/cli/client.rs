@@ -1,4 +1,4 @@
-//! The HTTP client of the admin subcommands (`kill`, `kills`, `revoke`): where the server is,
+//! The HTTP client of the admin subcommands (`kill`, `kills`, `revoke`, `audit`): where the server is,
 //! the admin key, and errors a person can act on.
 
 use anyhow::{Context, anyhow};
@@ -39,15 +39,21 @@ impl AdminClient {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base))).await.map(|(s, v, _)| (s, v))
+    }
+
+    /// A GET that also answers the server's `x-request-id`, so that a caller can tell its own
+    /// calls apart in the audit trail.
+    pub async fn get_traced(&self, path: &str) -> anyhow::Result<(Value, Option<String>)> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await.map(|(_, v, id)| (v, id))
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await.map(|(s, v, _)| (s, v))
     }
 
     /// Sends a request; a 2xx answer comes back, anything else is an error that says what to do.
-    async fn send(&self, mut request: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value)> {
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> anyhow::Result<(StatusCode, Value, Option<String>)> {
         if let Some(k) = &self.key {
             request = request.bearer_auth(k);
         }
@@ -55,10 +61,11 @@ impl AdminClient {
             anyhow!("cannot reach latchkey at {}: {e} (is the server running? set --url or LATCHKEY_URL)", self.base)
         })?;
         let status = response.status();
+        let id = response.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok((status, body));
+            return Ok((status, body, id));
         }
         let description = body["error_description"].as_str().unwrap_or(text.trim());
         let request_id = body["request_id"].as_str().map(|r| format!(" (request_id {r})")).unwrap_or_default();
@@ -142,4 +149,15 @@ pub fn print_report(report: &Value) {
 pub fn print_json(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// A query string from `(name, value)` pairs, skipping absent values.
+pub fn query_string(pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    q.finish()
 }

@@ -82,7 +82,10 @@ async fn serve(mut listen: SocketAddr, policies: PathBuf) -> anyhow::Result<Exit
     let policies = std::fs::canonicalize(&policies).with_context(|| {
         format!("policy directory {} (run from the repository root or pass --policies)", policies.display())
     })?;
-    let config = dev_config(listen, &base, dev_issuer.url(), dir.path(), &policies, admin_hash)?;
+    let mut config = dev_config(listen, &base, dev_issuer.url(), dir.path(), &policies, admin_hash)?;
+    // The checkpoint key lives beside the store, as a file, like a real deployment's.
+    crate::checkpoint::generate_key_file(&dir.path().join("checkpoint.key"))?;
+    config.audit.checkpoint_key_file = Some(dir.path().join("checkpoint.key"));
     let mut key = [0u8; 32];
     aws_lc_rs::rand::fill(&mut key).expect("the system random source works");
     let options = Options {
@@ -172,8 +175,13 @@ Ready-to-paste commands:
     -d subject_token_type=urn:ietf:params:oauth:token-type:jwt \
     -d subject_token=$EVIL -d scope={first}
 
-  # why it was denied: the audit trail holds the full trace
-  curl -s -H "Authorization: Bearer $LATCHKEY_ADMIN_KEY" "$LATCHKEY_URL/v1/audit?limit=20"
+  # why it was denied: the exchanges with their reasons, and the audit trail
+  latchkey audit exchanges --decision denied
+  latchkey audit events --follow
+
+  # sign a checkpoint of the audit chain, and verify the chain
+  latchkey audit checkpoint
+  latchkey audit verify
 
   # is a latchkey JWT still active?
   curl -s -H "Authorization: Bearer $LATCHKEY_ADMIN_KEY" $LATCHKEY_URL/v1/introspect -d token=<access_token>

@@ -22,15 +22,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(dir.join("policies")).with_context(|| format!("creating {}", dir.display()))?;
     crate::seal::generate_key_file(&dir.join("latchkey.key"))?;
+    let checkpoint_key = crate::checkpoint::generate_key_file(&dir.join("checkpoint.key"))?;
     let (admin_key, admin_hash) = crate::app::new_admin_key();
     write_new(&config_path, &starter_config(&admin_hash))?;
     write_new(&dir.join("policies/pr-review.toml"), EXAMPLE_POLICY)?;
     println!("wrote {}", config_path.display());
     println!("wrote {}", dir.join("latchkey.key").display());
+    println!("wrote {}", dir.join("checkpoint.key").display());
     println!("wrote {}", dir.join("policies/pr-review.toml").display());
     println!();
     println!("admin key (role admin, shown once; the config keeps only its SHA-256):");
     println!("  {admin_key}");
+    println!();
+    println!(
+        "audit checkpoint public key (Ed25519, key id {}); keep a copy away from the server:",
+        checkpoint_key.key_id()
+    );
+    println!("  {}", checkpoint_key.public_key().to_base64());
     println!();
     println!("next: edit latchkey.toml (audience, issuers, required_claims), then");
     println!("  latchkey serve --config {} --check", config_path.display());
@@ -70,6 +78,11 @@ previous_key_files = []
 
 [policies]
 dir = "policies"
+
+[audit]
+checkpoint_key_file = "checkpoint.key"  # signs checkpoints of the audit chain; not in the store
+checkpoint_interval = "5m"
+# stream = "stdout"                     # or a file path: every audit event as a JSON line
 
 [[issuer]]
 id = "github-actions"

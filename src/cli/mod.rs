@@ -1,6 +1,7 @@
 //! The command line: one `enum Command`, one file per subcommand.
 
 mod admin_key;
+mod audit;
 mod client;
 mod dev;
 mod exchange;
@@ -55,6 +56,8 @@ enum Command {
     Kills(kills::Args),
     /// Revoke one credential now (role security).
     Revoke(revoke::Args),
+    /// Audit: list credentials, exchanges and events; sign and verify checkpoints; explain.
+    Audit(audit::Args),
 }
 
 impl Cli {
@@ -71,6 +74,7 @@ impl Cli {
             Command::Kill(a) => kill::run(a).await,
             Command::Kills(a) => kills::run(a).await,
             Command::Revoke(a) => revoke::run(a).await,
+            Command::Audit(a) => audit::run(a).await,
         }
     }
 }

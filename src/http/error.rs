@@ -73,6 +73,30 @@ impl ApiError {
         }
     }
 
+    /// The mapping of listing errors: 400 / 503.
+    pub fn from_records(e: crate::records::RecordsError, request_id: &str) -> Self {
+        match e {
+            crate::records::RecordsError::Invalid(m) => Self::invalid_request(m, request_id),
+            crate::records::RecordsError::Unavailable(e) => {
+                tracing::error!(error = %e, "listing failed on the store");
+                Self::unavailable("the store is unavailable; retry", request_id)
+            }
+        }
+    }
+
+    /// The mapping of checkpoint errors: 409 when no key is configured, else 503.
+    pub fn from_checkpoint(e: crate::checkpoint::CheckpointError, request_id: &str) -> Self {
+        match e {
+            crate::checkpoint::CheckpointError::NotConfigured => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string(), request_id)
+            }
+            other => {
+                tracing::error!(error = %other, "checkpoint failed");
+                Self::unavailable("the checkpoint could not be taken; retry", request_id)
+            }
+        }
+    }
+
     /// The mapping of exchange errors: 400 / 400 / 403 / 503.
     pub fn from_exchange(e: ExchangeError, request_id: &str) -> Self {
         let status = match e {

@@ -44,7 +44,7 @@ pub(super) async fn create(State(app): State<AppState>, req: Request) -> Respons
         async {
             let who = authorize(&app, &parts, Role::Security, &rid).await?;
             let r: KillRequest = json_body(body, false, &rid).await?;
-            let caller = Caller { key_name: &who.name, request_id: &rid };
+            let caller = Caller { key_name: &who.name, actor: &who.actor, request_id: &rid };
             match killswitch::create(&app, r, caller).await.map_err(|e| ApiError::from_kill_switch(e, &rid))? {
                 Created::Rule(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
                 Created::DryRun(report) => Ok(Json(report).into_response()),
@@ -94,7 +94,7 @@ pub(super) async fn lift(State(app): State<AppState>, Path(id): Path<String>, re
             let who = authorize(&app, &parts, Role::Security, &rid).await?;
             let id = parse_id(&id, "kill rule", &rid)?;
             let r: ReasonRequest = json_body(body, false, &rid).await?;
-            let caller = Caller { key_name: &who.name, request_id: &rid };
+            let caller = Caller { key_name: &who.name, actor: &who.actor, request_id: &rid };
             let view = killswitch::lift(&app, id, r, caller).await.map_err(|e| ApiError::from_kill_switch(e, &rid))?;
             Ok(Json(view).into_response())
         }
@@ -112,7 +112,7 @@ pub(super) async fn revoke(State(app): State<AppState>, Path(id): Path<String>, 
             let who = authorize(&app, &parts, Role::Security, &rid).await?;
             let id = parse_id(&id, "credential", &rid)?;
             let r: ReasonRequest = json_body(body, true, &rid).await?;
-            let caller = Caller { key_name: &who.name, request_id: &rid };
+            let caller = Caller { key_name: &who.name, actor: &who.actor, request_id: &rid };
             let answer = killswitch::revoke_credential(&app, id, r, caller)
                 .await
                 .map_err(|e| ApiError::from_kill_switch(e, &rid))?;

@@ -2,6 +2,7 @@
 //! parse, call one domain function, map the result.
 
 mod admin;
+mod audit;
 mod dev;
 pub mod error;
 mod kills;
@@ -36,7 +37,11 @@ pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
         .route("/v1/introspect", post(token::introspect))
         .route("/.well-known/jwks.json", get(token::jwks))
         .route("/openapi.json", get(openapi))
-        .route("/v1/audit", get(admin::audit))
+        .route("/v1/audit", get(audit::events))
+        .route("/v1/audit/checkpoints", post(audit::checkpoint).get(audit::checkpoints))
+        .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/credentials", get(audit::credentials))
+        .route("/v1/exchanges", get(audit::exchanges))
         .route("/v1/explain", post(admin::explain))
         .route("/v1/kills", post(kills::create).get(kills::list))
         .route("/v1/kills/{id}", get(kills::show))

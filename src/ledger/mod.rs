@@ -326,6 +326,88 @@ pub enum RevokeRequest {
     Finished(CredentialState),
 }
 
+/// Which credentials a listing wants by state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Exactly this state.
+    Is(CredentialState),
+    /// Usable now: `pending` or `active`, and not yet past `expires_at`.
+    Live,
+}
+
+/// A page of credentials, newest first. The cursor is the `(created_at, id)` of the last row of
+/// the previous page: rows are only appended (a state change never moves a row), so a page never
+/// shifts while new rows arrive. Every filter given must match; strings match exactly.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialQuery {
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub agent: Option<String>,
+    pub capability: Option<String>,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub subject: Option<String>,
+    pub backend: Option<BackendKind>,
+    pub exchange: Option<Uuid>,
+    pub state: Option<StateFilter>,
+    /// What [`StateFilter::Live`] compares `expires_at` with.
+    pub now: Option<DateTime<Utc>>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before.
+    pub until: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+/// A page of exchanges, newest first, paged like [`CredentialQuery`].
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeQuery {
+    pub before: Option<(DateTime<Utc>, Uuid)>,
+    pub agent: Option<String>,
+    pub capability: Option<String>,
+    pub repository: Option<String>,
+    pub workflow: Option<String>,
+    pub subject: Option<String>,
+    pub issuer: Option<String>,
+    pub decision: Option<ExchangeState>,
+    /// Exchanges that have a credential of this backend.
+    pub backend: Option<BackendKind>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+/// A page of audit events, oldest first, after sequence number `after`.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub after: i64,
+    /// An event name (`kill.created`), or a prefix ending in `*` (`kill.*`).
+    pub event: Option<String>,
+    pub actor: Option<String>,
+    pub agent: Option<String>,
+    pub capability: Option<String>,
+    pub repository: Option<String>,
+    pub subject: Option<String>,
+    pub credential: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+/// A signed statement that the audit chain's event `seq` has hash `hash` (DESIGN "Store").
+/// The signature covers [`crate::checkpoint::signed_message`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: i64,
+    /// Hex SHA-256: the chain hash of event `seq`.
+    pub hash: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub signed_at: String,
+    /// Names the public key: the first 16 hex digits of its SHA-256.
+    pub key_id: String,
+    /// Ed25519 signature, base64 (standard alphabet).
+    pub signature: String,
+}
+
 #[async_trait]
 pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// A refused exchange (bad request, rejected token, policy denial): the exchange row with its
@@ -449,6 +531,26 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// Events with a sequence number above `after`, in order.
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, LedgerError>;
 
+    /// Events matching a query, oldest first.
+    async fn list_events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, LedgerError>;
+    /// The last event's sequence number and hash (`0` and the genesis hash when empty).
+    async fn audit_head(&self) -> Result<(i64, String), LedgerError>;
+    /// A page of credentials; never their handles.
+    async fn list_credentials(&self, query: CredentialQuery) -> Result<Vec<CredentialRow>, LedgerError>;
+    async fn list_exchanges(&self, query: ExchangeQuery) -> Result<Vec<ExchangeRow>, LedgerError>;
+
+    /// Stores a checkpoint with its audit event, in one transaction. `Conflict` unless event
+    /// `checkpoint.seq` exists with exactly `checkpoint.hash`: a checkpoint only ever vouches
+    /// for what is on the chain.
+    async fn record_checkpoint(&self, checkpoint: &Checkpoint, event: AuditEvent) -> Result<(), LedgerError>;
+    /// Every stored checkpoint, by sequence number.
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError>;
+    async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, LedgerError>;
+
+    /// The last sequence number the named audit stream delivered, if it ever ran.
+    async fn stream_position(&self, name: &str) -> Result<Option<i64>, LedgerError>;
+    async fn set_stream_position(&self, name: &str, seq: i64) -> Result<(), LedgerError>;
+
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError>;
     async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError>;
 
@@ -457,6 +559,25 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
 
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
+}
+
+/// What verifying the audit chain reads: the events in order and the stored checkpoints. Every
+/// [`Ledger`] is one; so is [`sqlite::AuditFile`], which reads a store file without the server.
+#[async_trait]
+pub trait AuditSource: Send + Sync {
+    /// Events with a sequence number above `after`, in order.
+    async fn chain(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, LedgerError>;
+    async fn stored_checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError>;
+}
+
+#[async_trait]
+impl<L: Ledger + ?Sized> AuditSource for L {
+    async fn chain(&self, after: i64, limit: usize) -> Result<Vec<StoredEvent>, LedgerError> {
+        self.events(after, limit).await
+    }
+    async fn stored_checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError> {
+        self.checkpoints().await
+    }
 }
 
 /// Opens the ledger named by a store URL. `migrate` applies pending migrations first (`dev`,
@@ -468,5 +589,14 @@ pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Ledger>, LedgerErr
         Err(LedgerError::Schema("the PostgreSQL store is not available in this build".into()))
     } else {
         Err(LedgerError::Schema(format!("unsupported store URL {url:?}: use sqlite://PATH")))
+    }
+}
+
+/// Opens a store read-only for `latchkey audit verify --store`: it takes no lock and writes
+/// nothing, so it works on a copy of the file or beside a running server.
+pub fn open_audit_source(url: &str) -> Result<Box<dyn AuditSource>, LedgerError> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => Ok(Box::new(sqlite::AuditFile::open(std::path::Path::new(path))?)),
+        None => Err(LedgerError::Schema(format!("unsupported store URL {url:?}: use sqlite://PATH"))),
     }
 }

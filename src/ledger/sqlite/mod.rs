@@ -35,8 +35,9 @@ use self::ops::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Re
 use self::read::{BUSY_TIMEOUT, ReadPool};
 use self::writer::{ChainHead, Command, Writer};
 use super::{
-    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, Handle, Job, JobOutcome, KillEffect,
-    KillPage, KillState, KillTarget, Ledger, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
+    ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
+    LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -175,6 +176,54 @@ fn chain_head(conn: &Connection) -> Result<ChainHead, LedgerError> {
             hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt(format!("audit_events.hash of {seq}")))?,
         },
     })
+}
+
+/// A store file opened read-only, for offline verification of the audit chain.
+#[derive(Debug)]
+pub struct AuditFile {
+    conn: Mutex<Connection>,
+    /// Whether the schema has the checkpoint table (older files have none).
+    has_checkpoints: bool,
+}
+
+impl AuditFile {
+    pub fn open(path: &Path) -> Result<AuditFile, LedgerError> {
+        if !path.exists() {
+            return Err(LedgerError::Unavailable(format!("{} does not exist", path.display())));
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(db_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let version = schema::version(&conn)?;
+        if version == 0 {
+            return Err(LedgerError::Schema(format!("{} has no latchkey schema", path.display())));
+        }
+        let has_checkpoints = query_opt(
+            &conn,
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_checkpoints'",
+            [],
+            |_| Ok(()),
+        )?
+        .is_some();
+        Ok(AuditFile { conn: Mutex::new(conn), has_checkpoints })
+    }
+}
+
+#[async_trait]
+impl super::AuditSource for AuditFile {
+    async fn chain(&self, after: i64, limit_: usize) -> Result<Vec<StoredEvent>, LedgerError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        read::events(&conn, after, limit(limit_))
+    }
+
+    async fn stored_checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError> {
+        if !self.has_checkpoints {
+            return Ok(Vec::new());
+        }
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        read::checkpoints(&conn)
+    }
 }
 
 /// Replies come back typed by the command that was sent; a mismatch is a bug in this module.
@@ -393,6 +442,44 @@ impl Ledger for SqliteLedger {
     async fn events(&self, after: i64, limit_: usize) -> Result<Vec<StoredEvent>, LedgerError> {
         let limit = limit(limit_);
         self.readers.run(move |c| read::events(c, after, limit)).await
+    }
+
+    async fn list_events(&self, query: EventQuery) -> Result<Vec<StoredEvent>, LedgerError> {
+        self.readers.run(move |c| read::list_events(c, &query)).await
+    }
+
+    async fn audit_head(&self) -> Result<(i64, String), LedgerError> {
+        self.readers.run(read::audit_head).await
+    }
+
+    async fn list_credentials(&self, query: CredentialQuery) -> Result<Vec<CredentialRow>, LedgerError> {
+        self.readers.run(move |c| read::list_credentials(c, &query)).await
+    }
+
+    async fn list_exchanges(&self, query: ExchangeQuery) -> Result<Vec<ExchangeRow>, LedgerError> {
+        self.readers.run(move |c| read::list_exchanges(c, &query)).await
+    }
+
+    async fn record_checkpoint(&self, checkpoint: &Checkpoint, event: AuditEvent) -> Result<(), LedgerError> {
+        let op = Op::RecordCheckpoint { checkpoint: checkpoint.clone(), event: EventParams::new(&event) };
+        self.write(op).await.map(drop)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError> {
+        self.readers.run(read::checkpoints).await
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, LedgerError> {
+        self.readers.run(read::latest_checkpoint).await
+    }
+
+    async fn stream_position(&self, name: &str) -> Result<Option<i64>, LedgerError> {
+        let name = name.to_owned();
+        self.readers.run(move |c| read::stream_position(c, &name)).await
+    }
+
+    async fn set_stream_position(&self, name: &str, seq: i64) -> Result<(), LedgerError> {
+        self.write(Op::SetStreamPosition { name: name.to_owned(), seq }).await.map(drop)
     }
 
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError> {

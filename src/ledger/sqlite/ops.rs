@@ -19,8 +19,8 @@ use super::writer::ChainHead;
 use crate::audit::{AuditEvent, canonical_body, chain_hash};
 use crate::kill::{KillRule, KillSubject, Selector};
 use crate::ledger::{
-    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job, JobKind,
-    JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Abort, Activate, Activation, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job,
+    JobKind, JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 
 /// An exchange row as column values.
@@ -251,6 +251,14 @@ pub(super) enum Op {
     Prune {
         now: String,
     },
+    RecordCheckpoint {
+        checkpoint: Checkpoint,
+        event: EventParams,
+    },
+    SetStreamPosition {
+        name: String,
+        seq: i64,
+    },
 }
 
 impl Op {
@@ -436,6 +444,31 @@ impl Tx<'_> {
                     params![id, algorithm, sealed_private, public_jwk, created_at],
                 )?;
                 self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::RecordCheckpoint { checkpoint: c, event } => {
+                // Under the writer, nothing can move the row between this check and the insert.
+                let on_chain = query_opt(self.conn, "SELECT hash FROM audit_events WHERE seq = ?1", [c.seq], |r| {
+                    codec::Cols::new(r, "audit_events").text(0, "hash")
+                })?;
+                if on_chain.as_deref() != Some(c.hash.as_str()) {
+                    return Err(LedgerError::Conflict(format!("event {} does not have the checkpoint's hash", c.seq)));
+                }
+                exec(
+                    self.conn,
+                    "INSERT INTO audit_checkpoints (seq, hash, signed_at, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![c.seq, c.hash, c.signed_at, c.key_id, c.signature],
+                )?;
+                self.append(&event)?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::SetStreamPosition { name, seq } => {
+                exec(
+                    self.conn,
+                    "INSERT INTO audit_stream_positions (name, seq) VALUES (?1, ?2) \
+                     ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+                    params![name, seq],
+                )?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Prune { now } => {

@@ -20,7 +20,8 @@ use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
 use crate::kill::Selector;
 use crate::ledger::{
-    CredentialRow, ExchangeRow, KillPage, KillState, KillTarget, LedgerError, LiveCredential, StoredKey, StoredKill,
+    Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
+    KillTarget, LedgerError, LiveCredential, StateFilter, StoredKey, StoredKill,
 };
 
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -220,4 +221,187 @@ pub(super) fn signing_keys(conn: &Connection) -> Result<Vec<StoredKey>, LedgerEr
 pub(super) fn ping(conn: &Connection) -> Result<(), LedgerError> {
     query_opt(conn, "SELECT 1", [], |_| Ok(()))?;
     Ok(())
+}
+
+/// `(created_at, id)` of a newest-first cursor, as bind values.
+fn before(cursor: Option<(DateTime<Utc>, uuid::Uuid)>) -> (Option<String>, Option<String>) {
+    match cursor {
+        Some((at, id)) => (Some(ts(at)), Some(id.to_string())),
+        None => (None, None),
+    }
+}
+
+fn page_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A page of credentials, newest first. Each filter is `(?n IS NULL OR column = ?n)`: one plan
+/// whatever is given.
+pub(super) fn list_credentials(conn: &Connection, q: &CredentialQuery) -> Result<Vec<CredentialRow>, LedgerError> {
+    let (before_at, before_id) = before(q.before);
+    let (state, live) = match q.state {
+        Some(StateFilter::Is(s)) => (Some(s.as_str()), false),
+        Some(StateFilter::Live) => (None, true),
+        None => (None, false),
+    };
+    let now = q.now.map(ts);
+    let mut rows = query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            credential_columns!(),
+            " FROM credentials WHERE (?1 IS NULL OR (created_at, id) < (?1, ?2)) \
+             AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR capability = ?4) \
+             AND (?5 IS NULL OR repository = ?5) AND (?6 IS NULL OR workflow = ?6) \
+             AND (?7 IS NULL OR subject = ?7) AND (?8 IS NULL OR backend = ?8) \
+             AND (?9 IS NULL OR exchange_id = ?9) AND (?10 IS NULL OR state = ?10) \
+             AND (NOT ?11 OR (state IN ('pending', 'active') AND expires_at > ?12)) \
+             AND (?13 IS NULL OR created_at >= ?13) AND (?14 IS NULL OR created_at < ?14) \
+             ORDER BY created_at DESC, id DESC LIMIT ?15"
+        ),
+        params![
+            before_at,
+            before_id,
+            q.agent,
+            q.capability,
+            q.repository,
+            q.workflow,
+            q.subject,
+            q.backend.map(|b| b.as_str()),
+            q.exchange.map(|e| e.to_string()),
+            state,
+            live,
+            now,
+            q.since.map(ts),
+            q.until.map(ts),
+            page_limit(q.limit),
+        ],
+        credential_from_row,
+    )?;
+    // Listings never carry what revocation keeps sealed.
+    for r in &mut rows {
+        r.handle = None;
+    }
+    Ok(rows)
+}
+
+/// A page of exchanges, newest first.
+pub(super) fn list_exchanges(conn: &Connection, q: &ExchangeQuery) -> Result<Vec<ExchangeRow>, LedgerError> {
+    let (before_at, before_id) = before(q.before);
+    query_all(
+        conn,
+        concat!(
+            "SELECT ",
+            exchange_columns!(),
+            " FROM exchanges e WHERE (?1 IS NULL OR (created_at, id) < (?1, ?2)) \
+             AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR capability = ?4) \
+             AND (?5 IS NULL OR repository = ?5) AND (?6 IS NULL OR workflow = ?6) \
+             AND (?7 IS NULL OR subject = ?7) AND (?8 IS NULL OR issuer = ?8) \
+             AND (?9 IS NULL OR state = ?9) \
+             AND (?10 IS NULL OR EXISTS (SELECT 1 FROM credentials c WHERE c.exchange_id = e.id AND c.backend = ?10)) \
+             AND (?11 IS NULL OR created_at >= ?11) AND (?12 IS NULL OR created_at < ?12) \
+             ORDER BY created_at DESC, id DESC LIMIT ?13"
+        ),
+        params![
+            before_at,
+            before_id,
+            q.agent,
+            q.capability,
+            q.repository,
+            q.workflow,
+            q.subject,
+            q.issuer,
+            q.decision.map(|d| d.as_str()),
+            q.backend.map(|b| b.as_str()),
+            q.since.map(ts),
+            q.until.map(ts),
+            page_limit(q.limit),
+        ],
+        exchange_from_row,
+    )
+}
+
+/// Audit events matching a query, oldest first. Fields are read from the stored canonical body;
+/// times in it are fixed-width RFC 3339, so text order is time order.
+pub(super) fn list_events(conn: &Connection, q: &EventQuery) -> Result<Vec<StoredEvent>, LedgerError> {
+    let (event, prefix) = match q.event.as_deref() {
+        Some(e) => match e.strip_suffix('*') {
+            Some(p) => (None, Some(format!("{}%", p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")))),
+            None => (Some(e.to_owned()), None),
+        },
+        None => (None, None),
+    };
+    query_all(
+        conn,
+        "SELECT seq, prev_hash, hash, body FROM audit_events WHERE seq > ?1 \
+         AND (?2 IS NULL OR json_extract(body, '$.event') = ?2) \
+         AND (?3 IS NULL OR json_extract(body, '$.event') LIKE ?3 ESCAPE '\\') \
+         AND (?4 IS NULL OR json_extract(body, '$.actor') = ?4) \
+         AND (?5 IS NULL OR json_extract(body, '$.agent') = ?5) \
+         AND (?6 IS NULL OR json_extract(body, '$.capability') = ?6) \
+         AND (?7 IS NULL OR json_extract(body, '$.repository') = ?7) \
+         AND (?8 IS NULL OR json_extract(body, '$.subject') = ?8) \
+         AND (?9 IS NULL OR json_extract(body, '$.credential_id') = ?9) \
+         AND (?10 IS NULL OR json_extract(body, '$.time') >= ?10) \
+         AND (?11 IS NULL OR json_extract(body, '$.time') < ?11) \
+         ORDER BY seq LIMIT ?12",
+        params![
+            q.after,
+            event,
+            prefix,
+            q.actor,
+            q.agent,
+            q.capability,
+            q.repository,
+            q.subject,
+            q.credential,
+            q.since.map(ts),
+            q.until.map(ts),
+            page_limit(q.limit),
+        ],
+        event_from_row,
+    )
+}
+
+pub(super) fn audit_head(conn: &Connection) -> Result<(i64, String), LedgerError> {
+    Ok(query_opt(conn, "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1", [], |r| {
+        let c = Cols::new(r, "audit_events");
+        Ok((c.int(0, "seq")?, c.text(1, "hash")?))
+    })?
+    .unwrap_or_else(|| (0, hex::encode(crate::audit::GENESIS_HASH))))
+}
+
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> Result<Checkpoint, LedgerError> {
+    let c = Cols::new(r, "audit_checkpoints");
+    Ok(Checkpoint {
+        seq: c.int(0, "seq")?,
+        hash: c.text(1, "hash")?,
+        signed_at: c.text(2, "signed_at")?,
+        key_id: c.text(3, "key_id")?,
+        signature: c.text(4, "signature")?,
+    })
+}
+
+pub(super) fn checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, LedgerError> {
+    query_all(
+        conn,
+        "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints ORDER BY seq",
+        [],
+        checkpoint_from_row,
+    )
+}
+
+pub(super) fn latest_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>, LedgerError> {
+    query_opt(
+        conn,
+        "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+        [],
+        checkpoint_from_row,
+    )
+}
+
+pub(super) fn stream_position(conn: &Connection, name: &str) -> Result<Option<i64>, LedgerError> {
+    query_opt(conn, "SELECT seq FROM audit_stream_positions WHERE name = ?1", [name], |r| {
+        Cols::new(r, "audit_stream_positions").int(0, "seq")
+    })
 }

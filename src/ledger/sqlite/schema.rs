@@ -10,10 +10,12 @@ use super::codec::db_err;
 use crate::ledger::LedgerError;
 
 /// Every migration, in order; migration `i` (0-based) takes the schema to version `i + 1`.
-/// Never edit a released migration: add a new one.
+/// Never edit a released migration: add a new one. A file's number names it and orders it among
+/// its siblings; its position in this list, not its number, is its schema version.
 pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_initial", include_str!("../../../migrations/sqlite/0001_initial.sql")),
     ("0002_kill_switch", include_str!("../../../migrations/sqlite/0002_kill_switch.sql")),
+    ("0004_audit", include_str!("../../../migrations/sqlite/0004_audit.sql")),
 ];
 
 pub(super) fn latest() -> i64 {

@@ -153,6 +153,8 @@ pub struct Builder {
     backends: Vec<Arc<dyn Backend>>,
     background: bool,
     clock: Option<Arc<ManualClock>>,
+    audit_lines: String,
+    checkpoint_key: bool,
 }
 
 impl Default for Builder {
@@ -166,6 +168,8 @@ impl Default for Builder {
             backends: Vec::new(),
             background: true,
             clock: None,
+            audit_lines: String::new(),
+            checkpoint_key: false,
         }
     }
 }
@@ -214,6 +218,19 @@ impl Builder {
         self
     }
 
+    /// Adds lines to the `[audit]` table.
+    pub fn audit(mut self, lines: &str) -> Self {
+        self.audit_lines.push_str(lines);
+        self.audit_lines.push('\n');
+        self
+    }
+
+    /// Makes `checkpoint.key` in the test folder (as `latchkey init` does) and configures it.
+    pub fn checkpoint_key(mut self) -> Self {
+        self.checkpoint_key = true;
+        self.audit("checkpoint_key_file = \"checkpoint.key\"")
+    }
+
     /// Without the background loops: tests drive the workers themselves.
     pub fn no_background(mut self) -> Self {
         self.background = false;
@@ -228,6 +245,11 @@ impl Builder {
         for (name, text) in &self.extra_policies {
             std::fs::write(policies.join(name), text).unwrap();
         }
+        if self.checkpoint_key {
+            latchkey::checkpoint::generate_key_file(&dir.path().join("checkpoint.key")).unwrap();
+        }
+        let audit_table =
+            if self.audit_lines.is_empty() { String::new() } else { format!("[audit]\n{}", self.audit_lines) };
         let mut server_lines = self.server_lines.clone();
         if self.tls {
             let status = std::process::Command::new("openssl")
@@ -273,6 +295,7 @@ sha256 = "{auditor}"
 name = "test-security"
 role = "security"
 sha256 = "{security}"
+{audit_table}
 {tail}
 "#,
             url = issuer.url,
