@@ -15,7 +15,7 @@ use crate::ledger::LedgerError;
 pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_initial", include_str!("../../../migrations/sqlite/0001_initial.sql")),
     ("0002_kill_switch", include_str!("../../../migrations/sqlite/0002_kill_switch.sql")),
-    ("0004_audit", include_str!("../../../migrations/sqlite/0004_audit.sql")),
+    ("0003_audit", include_str!("../../../migrations/sqlite/0003_audit.sql")),
 ];
 
 pub(super) fn latest() -> i64 {
