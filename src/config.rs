@@ -66,6 +66,14 @@ pub struct ServerConfig {
     pub audience: String,
     /// Public URL of this broker; the `iss` of latchkey-signed JWTs. Defaults to `audience`.
     pub public_url: Option<String>,
+    /// A client that has not sent a whole request head within this time is disconnected, so
+    /// that slow clients (slow-loris) cannot hold connections open.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +371,9 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.server.audience.trim().is_empty() {
             return invalid("server.audience must not be empty".into());
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return invalid("server.header_read_timeout must be more than zero".into());
         }
         if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
             return invalid("server.tls_cert_file and server.tls_key_file go together".into());

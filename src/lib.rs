@@ -9,6 +9,7 @@ pub mod backend;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod http;
 pub mod kill;
 pub mod killswitch;

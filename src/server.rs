@@ -223,6 +223,19 @@ impl Running {
     }
 }
 
+/// Disconnects HTTP/1 clients that take longer than `timeout` to send a request head (the
+/// whole of it, counted from the first byte of each request), so that clients trickling headers
+/// byte by byte (slow-loris) cannot pile up connections. hyper enforces the timeout only when it
+/// has a timer: without one, its documented default of 30 s silently does nothing.
+fn bound_header_reads(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    timeout: Duration,
+) {
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+    // HTTP/2 (TLS with ALPN, or prior knowledge): a peer that stops answering pings is dropped.
+    builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
+}
+
 /// Binds the listeners (TLS when a certificate is configured), starts the background work
 /// (unless `background` is false: tests that drive the workers themselves), and returns once the
 /// broker accepts connections.
@@ -243,11 +256,13 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(config.resolve(cert), config.resolve(key))
                 .await
                 .context("loading the TLS certificate and key")?;
-            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            bound_header_reads(server.http_builder(), config.server.header_read_timeout);
             tasks.push(tokio::spawn(async move { server.serve(service).await }));
         }
         (None, None) => {
-            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            bound_header_reads(server.http_builder(), config.server.header_read_timeout);
             tasks.push(tokio::spawn(async move { server.serve(service).await }));
         }
         _ => bail!("server.tls_cert_file and server.tls_key_file go together"),
@@ -259,7 +274,8 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
         listener.set_nonblocking(true)?;
         admin_addr = Some(listener.local_addr()?);
         let h = axum_server::Handle::new();
-        let server = axum_server::from_tcp(listener)?.handle(h.clone());
+        let mut server = axum_server::from_tcp(listener)?.handle(h.clone());
+        bound_header_reads(server.http_builder(), config.server.header_read_timeout);
         let service = crate::http::ops_router(app.clone()).into_make_service();
         tasks.push(tokio::spawn(async move { server.serve(service).await }));
         admin_handle = Some(h);

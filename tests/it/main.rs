@@ -7,6 +7,7 @@ mod aws;
 mod cli;
 mod exchange;
 mod github;
+mod hostile;
 mod kill;
 mod kill_everywhere;
 mod lifecycle;
