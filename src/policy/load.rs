@@ -268,6 +268,16 @@ pub(super) fn compile_condition(source: &str) -> Result<Condition, String> {
             shape.comprehensions
         ));
     }
+    if shape.map {
+        return Err("condition: `map()` is not allowed (its result can grow with every step of a chain); \
+                    use all, exists, exists_one or filter"
+            .to_owned());
+    }
+    if shape.claims_in_body {
+        return Err("condition: the body of a comprehension (all, exists, exists_one, filter) may use its \
+                    own variable and literals, not `claims` (each step would cost the size of the claims)"
+            .to_owned());
+    }
     if shape.nested_comprehension {
         return Err("condition: a comprehension (all, exists, exists_one, map, filter) inside another's body is \
                     not allowed (its cost would grow with the square of the claims' size)"
@@ -289,6 +299,28 @@ struct ExprShape {
     depth: usize,
     comprehensions: usize,
     nested_comprehension: bool,
+    /// A `map()`: the one macro whose result is not bounded by its range.
+    map: bool,
+    /// `claims` read inside a comprehension's body.
+    claims_in_body: bool,
+}
+
+/// Whether a comprehension is a `map()` expansion: its step appends something other than the
+/// iteration variable to the accumulator (`filter()` appends the variable itself; `all`,
+/// `exists` and `exists_one` append nothing).
+fn is_map(c: &cel::common::ast::ComprehensionExpr) -> bool {
+    use cel::common::ast::Expr;
+    let step = match &c.loop_step.expr {
+        Expr::Call(call) if call.func_name == "_?_:_" && call.args.len() == 3 => &call.args[1],
+        _ => &c.loop_step,
+    };
+    let Expr::Call(call) = &step.expr else { return false };
+    let [accu, appended] = call.args.as_slice() else { return false };
+    let Expr::List(appended) = &appended.expr else { return false };
+    let onto_accumulator = matches!(&accu.expr, Expr::Ident(a) if *a == c.accu_var);
+    let appends_var =
+        matches!(appended.elements.as_slice(), [e] if matches!(&e.expr, Expr::Ident(v) if *v == c.iter_var));
+    call.func_name == "_+_" && onto_accumulator && !appends_var
 }
 
 impl ExprShape {
@@ -308,6 +340,7 @@ impl ExprShape {
                 }
                 Expr::Comprehension(c) => {
                     shape.comprehensions += 1;
+                    shape.map |= is_map(c);
                     shape.nested_comprehension |= in_body;
                     stack.push((&c.iter_range, next, in_body));
                     stack.push((&c.accu_init, next, in_body));
@@ -336,7 +369,8 @@ impl ExprShape {
                     }
                 }
                 Expr::Select(select) => stack.push((&select.operand, next, in_body)),
-                Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+                Expr::Ident(name) => shape.claims_in_body |= in_body && name == "claims",
+                Expr::Literal(_) | Expr::Unspecified => {}
             }
         }
         shape
