@@ -197,7 +197,7 @@ fn the_costliest_conditions_the_loader_accepts_evaluate_within_a_bound() {
     // comprehensions over the largest list, bodies doing list and string work, a long chain.
     // Balanced, so that the chain fits the depth cap: five groups of ten.
     let balanced = |term: &str| {
-        let group = format!("({})", vec![term; 10].join(" + "));
+        let group = format!("({})", [term; 10].join(" + "));
         vec![group; 5].join(" + ")
     };
     let sum = balanced("claims.s");
