@@ -269,6 +269,20 @@ async fn slow_loris_clients_are_disconnected_after_the_header_read_timeout() {
     }
     println!("50 slow-loris clients: all dropped, the last after {longest:?} (timeout 500ms)");
     assert!(longest < Duration::from_secs(3), "{longest:?}");
+
+    // Clients that connect and send nothing, or trickle the HTTP/2 preface, are dropped too.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut preface = tokio::net::TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HT").await.unwrap();
+    let started = Instant::now();
+    for mut socket in idle.into_iter().chain([preface]) {
+        let closed = tokio::time::timeout(Duration::from_secs(3), socket.read(&mut [0u8; 64])).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "an idle connection stayed open: {closed:?}");
+    }
+    println!("20 silent clients and a trickled HTTP/2 preface: all dropped within {:?}", started.elapsed());
     still_healthy(&t).await;
 }
 
