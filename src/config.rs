@@ -560,6 +560,18 @@ required_claims = { repository_owner_id = ["1234567"] }
     }
 
     #[test]
+    fn header_read_timeout_defaults_to_ten_seconds_and_must_be_positive() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        let text = MINIMAL.replace("audience =", "header_read_timeout = \"2s\"\naudience =");
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+        let text = MINIMAL.replace("audience =", "header_read_timeout = \"0s\"\naudience =");
+        let err = Config::parse(&text, Path::new("x.toml")).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("header_read_timeout"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let text = MINIMAL.replace("audience =", "audiance = \"x\"\naudience =");
         let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
