@@ -71,6 +71,14 @@ pub struct ServerConfig {
     pub audience: String,
     /// Public URL of this broker; the `iss` of latchkey-signed JWTs. Defaults to `audience`.
     pub public_url: Option<String>,
+    /// A client that has not sent a whole request head within this time is disconnected, so
+    /// that slow clients (slow-loris) cannot hold connections open.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +441,9 @@ impl Config {
         if self.server.audience.trim().is_empty() {
             return invalid("server.audience must not be empty".into());
         }
+        if self.server.header_read_timeout.is_zero() {
+            return invalid("server.header_read_timeout must be more than zero".into());
+        }
         if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
             return invalid("server.tls_cert_file and server.tls_key_file go together".into());
         }
@@ -635,6 +646,18 @@ required_claims = { repository_owner_id = ["1234567"] }
         assert!(c.issuers[0].single_use);
         assert_eq!(c.issuers[0].algorithms, ["RS256"]);
         assert_eq!(c.issuers[0].max_token_age, Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn header_read_timeout_defaults_to_ten_seconds_and_must_be_positive() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        let text = MINIMAL.replace("audience =", "header_read_timeout = \"2s\"\naudience =");
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(2));
+        let text = MINIMAL.replace("audience =", "header_read_timeout = \"0s\"\naudience =");
+        let err = Config::parse(&text, Path::new("x.toml")).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("header_read_timeout"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod http;
 pub mod kill;
 pub mod killswitch;

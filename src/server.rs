@@ -241,6 +241,62 @@ impl Running {
     }
 }
 
+/// Disconnects HTTP/1 clients that take longer than `timeout` to send a request head (the
+/// whole of it, counted from the first byte of each request), so that clients trickling headers
+/// byte by byte (slow-loris) cannot pile up connections. hyper enforces the timeout only when it
+/// has a timer: without one, its documented default of 30 s silently does nothing.
+fn bound_header_reads(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    timeout: Duration,
+) {
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+    // HTTP/2 (TLS with ALPN, or prior knowledge): a peer that stops answering pings is dropped.
+    builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
+}
+
+/// Drops a connection whose first bytes do not arrive within the timeout. hyper first reads
+/// enough bytes to tell HTTP/2's preface from HTTP/1, without any timeout, and its header-read
+/// timeout starts only after that: a client that connects and sends nothing, or trickles the
+/// HTTP/2 preface, would otherwise hold its connection for ever. Under TLS this sees the
+/// handshake's first bytes, and the handshake itself has its own 10 s limit.
+#[derive(Debug, Clone, Copy)]
+struct FirstBytes(Duration);
+
+impl<S: Send + 'static> axum_server::accept::Accept<tokio::net::TcpStream, S> for FirstBytes {
+    type Stream = tokio::net::TcpStream;
+    type Service = S;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<(tokio::net::TcpStream, S)>> + Send + 'static>,
+    >;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        let timeout = self.0;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, version_decidable(&stream)).await {
+                Ok(Ok(())) => Ok((stream, service)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within the timeout")),
+            }
+        })
+    }
+}
+
+/// Waits (peeking, consuming nothing) until the bytes received so far are no longer a prefix of
+/// the HTTP/2 preface, or are the whole of it, or the peer closed: hyper can then choose a
+/// protocol at once, and the protocol's own timeouts take over.
+async fn version_decidable(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || n == PREFACE.len() || buf[..n] != PREFACE[..n] {
+            return Ok(());
+        }
+        // Part of the preface only: `peek` would return at once again, so wait a little.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Binds the listeners (TLS when a certificate is configured), starts the background work
 /// (unless `background` is false: tests that drive the workers themselves), and returns once the
 /// broker accepts connections.
@@ -261,11 +317,17 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(config.resolve(cert), config.resolve(key))
                 .await
                 .context("loading the TLS certificate and key")?;
-            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                .acceptor(FirstBytes(config.server.header_read_timeout));
+            let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle.clone());
+            bound_header_reads(server.http_builder(), config.server.header_read_timeout);
             tasks.push(tokio::spawn(async move { server.serve(service).await }));
         }
         (None, None) => {
-            let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+            let mut server = axum_server::from_tcp(listener)?
+                .acceptor(FirstBytes(config.server.header_read_timeout))
+                .handle(handle.clone());
+            bound_header_reads(server.http_builder(), config.server.header_read_timeout);
             tasks.push(tokio::spawn(async move { server.serve(service).await }));
         }
         _ => bail!("server.tls_cert_file and server.tls_key_file go together"),
@@ -277,7 +339,9 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
         listener.set_nonblocking(true)?;
         admin_addr = Some(listener.local_addr()?);
         let h = axum_server::Handle::new();
-        let server = axum_server::from_tcp(listener)?.handle(h.clone());
+        let mut server =
+            axum_server::from_tcp(listener)?.acceptor(FirstBytes(config.server.header_read_timeout)).handle(h.clone());
+        bound_header_reads(server.http_builder(), config.server.header_read_timeout);
         let service = crate::http::ops_router(app.clone()).into_make_service();
         tasks.push(tokio::spawn(async move { server.serve(service).await }));
         admin_handle = Some(h);

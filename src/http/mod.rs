@@ -23,6 +23,7 @@ use crate::app::AppState;
 
 pub use admin::explain_body;
 pub use dev::DevIssuer;
+pub use token::{MAX_BODY, MAX_TOKEN, parse_exchange};
 
 /// The id of one request: on every response (`x-request-id`), error body and log line.
 #[derive(Debug, Clone)]

@@ -68,6 +68,17 @@ fn parse_form(headers: &HeaderMap, body: &[u8], request_id: &str) -> Result<Toke
     }
 }
 
+/// Parses an exchange request body (RFC 8693 form, or JSON when `headers` say
+/// `application/json`) into the request the broker takes. Pure: no I/O, no state, so that the
+/// handler stays thin and hostile bodies can be fuzzed without a server.
+///
+/// The body must already be bounded by [`MAX_BODY`]; subject tokens over [`MAX_TOKEN`] are
+/// refused here, and JSON nesting is bounded by `serde_json`'s recursion limit (128), so a body
+/// of 100,000 `[` is a quick `invalid_request`, not a stack overflow.
+pub fn parse_exchange(headers: &HeaderMap, body: &[u8], request_id: &str) -> Result<ExchangeRequest, ApiError> {
+    parse_request(parse_form(headers, body, request_id)?, request_id)
+}
+
 fn parse_request(form: TokenForm, request_id: &str) -> Result<ExchangeRequest, ApiError> {
     let bad = |m: &str| ApiError::invalid_request(m, request_id);
     match form.grant_type.as_deref() {
@@ -115,8 +126,7 @@ pub(super) async fn exchange(State(app): State<AppState>, req: Request) -> Respo
     let (parts, body) = req.into_parts();
     let result = async {
         let body = read_body(body, &request_id).await?;
-        let form = parse_form(&parts.headers, &body, &request_id)?;
-        let request = parse_request(form, &request_id)?;
+        let request = parse_exchange(&parts.headers, &body, &request_id)?;
         broker::exchange(&app, request).await.map_err(|e| ApiError::from_exchange(e, &request_id))
     }
     .await;

@@ -27,7 +27,7 @@ pub use claims::{Claims, UnverifiedClaims, VerifiedClaims};
 pub use discovery::{HttpKeySource, KeySource, MAX_DISCOVERY_BYTES, MAX_JWKS_BYTES, StaticKeySource, http_client};
 pub use error::OidcError;
 pub use jwks::{Alg, Jwk, JwkSet};
-pub use token::peek_issuer;
+pub use token::{check_unverified, peek_issuer};
 pub use verify::{IssuerHealth, Verifier};
 
 /// Largest subject token accepted (DESIGN step 1), checked before anything is decoded.

@@ -183,7 +183,7 @@ fn claim_step(section: &str, rule: &ClaimRule, value: Option<&Value>, note: Opti
 }
 
 /// Runs the condition with `claims` bound to the claim map. Anything but `true` denies.
-fn run_condition(condition: &Condition, claims: &Claims) -> Result<(), String> {
+pub(super) fn run_condition(condition: &Condition, claims: &Claims) -> Result<(), String> {
     let mut ctx = cel::Context::with_env(super::load::CEL_ENV.clone());
     let map = cel::to_value(&claims.claims).map_err(|e| format!("claims cannot be given to CEL: {e}"))?;
     ctx.add_variable_from_value("claims", map);

@@ -220,6 +220,147 @@ mod tests {
         assert!(start.elapsed() < std::time::Duration::from_secs(2));
     }
 
+    /// Properties of glob matching against a reference matcher written straight from the rules
+    /// (backtracking over the pattern, no regex), on patterns and values drawn from a small
+    /// alphabet full of characters a regex translation could get wrong.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::Pattern;
+
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Tok {
+            Lit(char),
+            /// `?`: one character, not `/`.
+            One,
+            /// `*`: any run without `/`.
+            Star,
+            /// `**`: any run at all.
+            DoubleStar,
+        }
+
+        /// Left to right, `**` before `*`: `***` is `**` then `*`.
+        fn tokens(pattern: &str) -> Vec<Tok> {
+            let chars: Vec<char> = pattern.chars().collect();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < chars.len() {
+                match chars[i] {
+                    '*' if chars.get(i + 1) == Some(&'*') => {
+                        out.push(Tok::DoubleStar);
+                        i += 1;
+                    }
+                    '*' => out.push(Tok::Star),
+                    '?' => out.push(Tok::One),
+                    c => out.push(Tok::Lit(c)),
+                }
+                i += 1;
+            }
+            out
+        }
+
+        fn reference(pattern: &[Tok], value: &[char]) -> bool {
+            match pattern.split_first() {
+                None => value.is_empty(),
+                Some((Tok::Lit(c), rest)) => value.first() == Some(c) && reference(rest, &value[1..]),
+                Some((Tok::One, rest)) => value.first().is_some_and(|c| *c != '/') && reference(rest, &value[1..]),
+                Some((Tok::Star, rest)) => {
+                    let run = value.iter().take_while(|c| **c != '/').count();
+                    (0..=run).any(|i| reference(rest, &value[i..]))
+                }
+                Some((Tok::DoubleStar, rest)) => (0..=value.len()).any(|i| reference(rest, &value[i..])),
+            }
+        }
+
+        fn reference_matches(pattern: &str, value: &str) -> bool {
+            reference(&tokens(pattern), &value.chars().collect::<Vec<_>>())
+        }
+
+        fn real_matches(pattern: &str, value: &str) -> bool {
+            Pattern::parse(pattern).expect("a glob always compiles").matches(value)
+        }
+
+        /// No `:`, so never a `re:` pattern; regex metacharacters, `[`, `{` and `\` included.
+        const PATTERN: &str = r"[ab/*?\[\]{}.\\^$|()+\n]{0,10}";
+        const VALUE: &str = r"[ab/\[\]{}.\\^$|()+\n]{0,12}";
+        const FILL: &str = r"[ab/.\[]{0,3}";
+
+        /// A value built from `pattern` by filling its wildcards: close to matching, so that
+        /// both outcomes come up often (a `/` in a fill decides many of them).
+        fn near_value(pattern: String) -> impl Strategy<Value = (String, String)> {
+            let toks = tokens(&pattern);
+            let fills = toks
+                .iter()
+                .map(|t| match t {
+                    Tok::Lit(c) => Just(c.to_string()).boxed(),
+                    Tok::One => prop::sample::select(vec!["a".to_owned(), "/".to_owned(), "[".to_owned()]).boxed(),
+                    Tok::Star | Tok::DoubleStar => FILL.boxed(),
+                })
+                .collect::<Vec<_>>();
+            (Just(pattern), fills.prop_map(|parts| parts.concat()))
+        }
+
+        fn pattern_and_value() -> impl Strategy<Value = (String, String)> {
+            prop_oneof![(PATTERN, VALUE), PATTERN.prop_flat_map(near_value)]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn agrees_with_the_reference((pattern, value) in pattern_and_value()) {
+                prop_assert_eq!(real_matches(&pattern, &value), reference_matches(&pattern, &value),
+                    "pattern {:?} value {:?}", pattern, value);
+            }
+
+            /// Without `**`, only literal `/` in the pattern can match a `/`: a single `*` (or
+            /// `?`) never crosses one.
+            #[test]
+            fn single_star_never_crosses_a_slash((pattern, value) in pattern_and_value()) {
+                prop_assume!(!pattern.contains("**"));
+                if real_matches(&pattern, &value) {
+                    prop_assert_eq!(value.matches('/').count(), pattern.matches('/').count(),
+                        "pattern {:?} value {:?}", pattern, value);
+                }
+            }
+
+            /// `**` between two literal parts matches whatever lies between them, slashes included.
+            #[test]
+            fn double_star_crosses_slashes(a in r"[ab/.\[{]{0,4}", middle in r"[ab/.\n]{0,8}", b in r"[ab/.\[{]{0,4}") {
+                let pattern = format!("{a}**{b}");
+                let value = format!("{a}{middle}{b}");
+                prop_assert!(real_matches(&pattern, &value), "pattern {:?} value {:?}", pattern, value);
+            }
+
+            /// A pattern without wildcards matches exactly itself: never a value with anything
+            /// before or after it.
+            #[test]
+            fn literals_match_the_whole_value_only(
+                literal in r"[ab/.\[\]{}\\^$|()+]{0,8}",
+                before in r"[ab/]{0,3}",
+                after in r"[ab/]{0,3}",
+            ) {
+                prop_assert!(real_matches(&literal, &literal));
+                let value = format!("{before}{literal}{after}");
+                prop_assert_eq!(real_matches(&literal, &value), value == literal);
+            }
+
+            /// Globs with wildcards are anchored too: a match of `v` is not a match of `v` with a
+            /// character the pattern cannot absorb appended (`x` is outside every alphabet here,
+            /// so only a trailing `*`, `**` or `?` could take it).
+            #[test]
+            fn globs_match_the_whole_value((pattern, value) in pattern_and_value()) {
+                let extended = format!("{value}x");
+                let absorbs = pattern.ends_with('*') || pattern.ends_with('?');
+                if !absorbs {
+                    prop_assert!(!real_matches(&pattern, &extended), "pattern {:?} value {:?}", pattern, extended);
+                    let prefixed = format!("x{value}");
+                    prop_assert!(!real_matches(&pattern, &prefixed) || pattern.starts_with(['*', '?']));
+                }
+            }
+        }
+    }
+
     #[test]
     fn classification() {
         let p = |s| Pattern::parse(s).expect("compiles");

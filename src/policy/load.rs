@@ -27,7 +27,15 @@ pub(super) const MAX_TTL: Duration = Duration::from_secs(12 * 3600);
 /// STS refuses sessions shorter than 900 s.
 pub(super) const MIN_AWS_TTL: Duration = Duration::from_secs(15 * 60);
 /// A condition longer than this is more program than policy.
-const MAX_CONDITION_CHARS: usize = 4096;
+pub(super) const MAX_CONDITION_CHARS: usize = 4096;
+/// Deepest expression tree a condition may compile to. The `cel` crate evaluates (and drops) its
+/// tree recursively and offers no evaluation budget, so depth is bounded here, at load, far below
+/// what a worker thread's stack holds. Flat `a || b || …` chains of a few dozen terms fit.
+pub(super) const MAX_CONDITION_DEPTH: usize = 64;
+/// Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) one condition may hold. None
+/// may sit inside another's body: nested loops multiply, and a token's claims can hold thousands
+/// of list items, so `l.all(x, l.all(y, …))` would cost the square of the token size per nesting.
+pub(super) const MAX_CONDITION_COMPREHENSIONS: usize = 8;
 /// GitHub's limit on `repositories`/`repository_ids` in one installation token request.
 pub(super) const MAX_REPOSITORIES: usize = 500;
 /// STS limits on a session policy (packed) and on managed session policies.
@@ -127,10 +135,21 @@ pub(super) fn load_file(path: &Path, ctx: &LoadContext) -> Result<Policy, Vec<St
     let capability = file_name.strip_suffix(".toml").unwrap_or(file_name).to_owned();
     let bytes = std::fs::read(path).map_err(|e| vec![format!("cannot read: {e}")])?;
     let text = std::str::from_utf8(&bytes).map_err(|_| vec!["not UTF-8 text".to_owned()])?;
-    let raw: RawPolicy = toml::from_str(text).map_err(|e| vec![e.to_string().trim_end().to_owned()])?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
     let base_dir = path.parent().unwrap_or(Path::new("."));
-    compile(capability, sha256, raw, base_dir, ctx)
+    parse_text(&capability, text, base_dir, ctx)
+}
+
+/// Parses and compiles one policy from its text. `base_dir` is where relative file references
+/// (`session_policy`) are resolved. The SHA-256 is of `text`, as it is of the file's bytes.
+pub(super) fn parse_text(
+    capability: &str,
+    text: &str,
+    base_dir: &Path,
+    ctx: &LoadContext,
+) -> Result<Policy, Vec<String>> {
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| vec![e.to_string().trim_end().to_owned()])?;
+    let sha256 = hex::encode(Sha256::digest(text.as_bytes()));
+    compile(capability.to_owned(), sha256, raw, base_dir, ctx)
 }
 
 fn compile(
@@ -233,12 +252,37 @@ fn list_or_none(items: &[&str]) -> String {
     if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }
 
-fn compile_condition(source: &str) -> Result<Condition, String> {
+pub(super) fn compile_condition(source: &str) -> Result<Condition, String> {
     let chars = source.chars().count();
     if chars > MAX_CONDITION_CHARS {
         return Err(format!("condition is {chars} characters long; at most {MAX_CONDITION_CHARS}"));
     }
     let program = CEL_ENV.compile(source).map_err(|e| format!("condition does not compile: {e}"))?;
+    let shape = ExprShape::of(program.expression());
+    if shape.depth > MAX_CONDITION_DEPTH {
+        return Err(format!("condition nests {} levels deep; at most {MAX_CONDITION_DEPTH}", shape.depth));
+    }
+    if shape.comprehensions > MAX_CONDITION_COMPREHENSIONS {
+        return Err(format!(
+            "condition holds {} comprehensions (all, exists, exists_one, map, filter); at most {MAX_CONDITION_COMPREHENSIONS}",
+            shape.comprehensions
+        ));
+    }
+    if shape.map {
+        return Err("condition: `map()` is not allowed (its result can grow with every step of a chain); \
+                    use all, exists, exists_one or filter"
+            .to_owned());
+    }
+    if shape.claims_in_body {
+        return Err("condition: the body of a comprehension (all, exists, exists_one, filter) may use its \
+                    own variable and literals, not `claims` (each step would cost the size of the claims)"
+            .to_owned());
+    }
+    if shape.nested_comprehension {
+        return Err("condition: a comprehension (all, exists, exists_one, map, filter) inside another's body is \
+                    not allowed (its cost would grow with the square of the claims' size)"
+            .to_owned());
+    }
     // CEL's `matches()` compiles its regex on every evaluation, which `decide` must not do on the
     // hot path; `re:` patterns in [match] are compiled once and say the same.
     if program.references().has_function("matches") {
@@ -247,6 +291,90 @@ fn compile_condition(source: &str) -> Result<Condition, String> {
             .to_owned());
     }
     Ok(Condition { source: source.to_owned(), program: Arc::new(program) })
+}
+
+/// What the loader bounds in a compiled condition's expression tree.
+#[derive(Debug, Default)]
+struct ExprShape {
+    depth: usize,
+    comprehensions: usize,
+    nested_comprehension: bool,
+    /// A `map()`: the one macro whose result is not bounded by its range.
+    map: bool,
+    /// `claims` read inside a comprehension's body.
+    claims_in_body: bool,
+}
+
+/// Whether a comprehension is a `map()` expansion: its step appends something other than the
+/// iteration variable to the accumulator (`filter()` appends the variable itself; `all`,
+/// `exists` and `exists_one` append nothing).
+fn is_map(c: &cel::common::ast::ComprehensionExpr) -> bool {
+    use cel::common::ast::Expr;
+    let step = match &c.loop_step.expr {
+        Expr::Call(call) if call.func_name == "_?_:_" && call.args.len() == 3 => &call.args[1],
+        _ => &c.loop_step,
+    };
+    let Expr::Call(call) = &step.expr else { return false };
+    let [accu, appended] = call.args.as_slice() else { return false };
+    let Expr::List(appended) = &appended.expr else { return false };
+    let onto_accumulator = matches!(&accu.expr, Expr::Ident(a) if *a == c.accu_var);
+    let appends_var =
+        matches!(appended.elements.as_slice(), [e] if matches!(&e.expr, Expr::Ident(v) if *v == c.iter_var));
+    call.func_name == "_+_" && onto_accumulator && !appends_var
+}
+
+impl ExprShape {
+    fn of(root: &cel::parser::Expression) -> ExprShape {
+        let mut shape = ExprShape::default();
+        // An explicit stack, not recursion: this runs before the depth is known to be small.
+        // Entries: (node, depth, inside a comprehension's body).
+        let mut stack = vec![(root, 1usize, false)];
+        while let Some((node, depth, in_body)) = stack.pop() {
+            shape.depth = shape.depth.max(depth);
+            let next = depth + 1;
+            use cel::common::ast::{EntryExpr, Expr};
+            match &node.expr {
+                Expr::Call(call) => {
+                    stack.extend(call.target.iter().map(|t| (&**t, next, in_body)));
+                    stack.extend(call.args.iter().map(|a| (a, next, in_body)));
+                }
+                Expr::Comprehension(c) => {
+                    shape.comprehensions += 1;
+                    shape.map |= is_map(c);
+                    shape.nested_comprehension |= in_body;
+                    stack.push((&c.iter_range, next, in_body));
+                    stack.push((&c.accu_init, next, in_body));
+                    stack.push((&c.loop_cond, next, true));
+                    stack.push((&c.loop_step, next, true));
+                    stack.push((&c.result, next, true));
+                }
+                Expr::List(list) => stack.extend(list.elements.iter().map(|e| (e, next, in_body))),
+                Expr::Map(map) => {
+                    for entry in &map.entries {
+                        if let EntryExpr::MapEntry(e) = &entry.expr {
+                            stack.push((&e.key, next, in_body));
+                            stack.push((&e.value, next, in_body));
+                        }
+                    }
+                }
+                Expr::Struct(st) => {
+                    for entry in &st.entries {
+                        match &entry.expr {
+                            EntryExpr::StructField(f) => stack.push((&f.value, next, in_body)),
+                            EntryExpr::MapEntry(e) => {
+                                stack.push((&e.key, next, in_body));
+                                stack.push((&e.value, next, in_body));
+                            }
+                        }
+                    }
+                }
+                Expr::Select(select) => stack.push((&select.operand, next, in_body)),
+                Expr::Ident(name) => shape.claims_in_body |= in_body && name == "claims",
+                Expr::Literal(_) | Expr::Unspecified => {}
+            }
+        }
+        shape
+    }
 }
 
 /// Compiles `[match]` or `[exclude]`. Values are a string or a list of strings; TOML integers

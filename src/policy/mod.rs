@@ -366,6 +366,24 @@ pub struct Warning {
     pub message: String,
 }
 
+impl Policy {
+    /// Parses and compiles one policy from its TOML text, with every check [`PolicySet::load_dir`]
+    /// makes on a file. `capability` is what the file stem would be; `base_dir` is where relative
+    /// files (`session_policy`) are read from. Used by `load_dir` and by the fuzz targets.
+    pub fn parse(capability: &str, text: &str, base_dir: &Path, ctx: &LoadContext) -> Result<Policy, Vec<String>> {
+        load::parse_text(capability, text, base_dir, ctx)
+    }
+}
+
+/// Compiles `source` as a policy `condition`, under the loader's caps (length, depth,
+/// comprehensions), and runs it against `claims` as an exchange would: `Ok(true)` only when it
+/// evaluates to `true`. A compile error or a refused shape is `Err`; a runtime error is
+/// `Ok(false)` (it denies). For `policy explain`-style tooling and the fuzz targets.
+pub fn evaluate_condition(source: &str, claims: &Claims) -> Result<bool, String> {
+    let condition = load::compile_condition(source)?;
+    Ok(decide::run_condition(&condition, claims).is_ok())
+}
+
 /// Every policy of the policy directory, loaded as one unit.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {

@@ -9,6 +9,7 @@ mod ci;
 mod cli;
 mod exchange;
 mod github;
+mod hostile;
 mod kill;
 mod kill_everywhere;
 mod lifecycle;
