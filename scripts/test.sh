@@ -316,7 +316,21 @@ run_tests() {
 export LATCHKEY_REQUIRE_PEERS=$REQUIRE_PEERS
 # The tests find peers only through what this run starts, never through a stale address.
 for var in "${!LATCHKEY_TEST_@}"; do unset "$var"; done
+# One rustls crypto provider (aws-lc-rs): with a second one built in, rustls refuses to pick a
+# default and TLS fails at start-up. Cargo.lock may list `ring` as an optional dependency of a
+# crate; what matters is that nothing builds it.
+one_crypto_provider() {
+  local built
+  built=$(cargo tree --workspace --target all -e normal,build -i ring 2>/dev/null || true)
+  if [[ -n $built ]]; then
+    log "ring is in the build graph beside aws-lc-rs:"
+    printf '%s\n' "$built" >&2
+    return 1
+  fi
+}
+
 step "cargo fmt" cargo fmt --all -- --check
+step "one crypto provider" one_crypto_provider
 step "peers" start_peers
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "tests" run_tests

@@ -5,6 +5,7 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = latchkey::cli::Cli::parse();
     latchkey::server::init_tracing();
+    latchkey::server::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -297,11 +297,18 @@ async fn version_decidable(stream: &tokio::net::TcpStream) -> std::io::Result<()
     }
 }
 
+/// Makes aws-lc-rs the process's one rustls crypto provider, before any TLS client or server is
+/// built. Idempotent. The dependency tree holds no other provider (`scripts/test.sh` checks that
+/// `ring` is not built), so rustls can never find two and refuse to choose.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// Binds the listeners (TLS when a certificate is configured), starts the background work
 /// (unless `background` is false: tests that drive the workers themselves), and returns once the
 /// broker accepts connections.
 pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: bool) -> anyhow::Result<Running> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    install_crypto_provider();
     let config = &app.config;
     let router = crate::http::router(app.clone(), dev_issuer);
     let handle = axum_server::Handle::new();

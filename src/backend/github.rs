@@ -349,10 +349,12 @@ struct Answer {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(operation: &'static str, answer: &Answer) -> Result<T, GithubError> {
+    // serde_json's message can quote the value it choked on, which may be a token: keep only
+    // where it failed.
     serde_json::from_slice(&answer.body).map_err(|e| GithubError::Failed {
         operation,
         status: answer.status.as_u16(),
-        message: format!("unexpected answer: {e}"),
+        message: format!("unexpected answer ({:?} error at line {}, column {})", e.classify(), e.line(), e.column()),
     })
 }
 
@@ -603,6 +605,17 @@ mod tests {
         assert!(parse_private_key(b"not a key").is_err());
         let ec = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
         assert!(parse_private_key(ec.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn an_unparsable_answer_never_quotes_its_content() {
+        let answer = Answer {
+            status: StatusCode::CREATED,
+            headers: HeaderMap::new(),
+            body: br#"{"token": 123, "expires_at": "ghs_secretvalue"}"#.to_vec(),
+        };
+        let e = parse::<TokenAnswer>("op", &answer).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("unexpected answer") && !e.contains("secretvalue"), "{e}");
     }
 
     #[test]

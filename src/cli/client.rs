@@ -30,7 +30,6 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(args: &ServerArgs) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let base = args.url.trim_end_matches('/').to_owned();
         url::Url::parse(&base).with_context(|| format!("--url {base:?} is not a URL"))?;
         let key = std::env::var(ADMIN_KEY_ENV).ok().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());

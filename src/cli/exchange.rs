@@ -85,7 +85,6 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let url = args.url.trim_end_matches('/').to_owned();
     url::Url::parse(&url).with_context(|| format!("--url {url:?} is not a URL"))?;
     if let Some(narrow) = &args.narrow {

@@ -22,7 +22,6 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let token = match &args.token_file {
         Some(path) if path.as_os_str() == "-" => {
             let mut text = String::new();
