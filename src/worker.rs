@@ -2,7 +2,7 @@
 //! policy reloader. Each is one function that does one pass, and a loop that calls it, so tests
 //! can drive a pass directly with a fixed clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,6 +15,7 @@ use crate::app::{AdminKeys, AdminOidc, App, AppState, KillSnapshot};
 use crate::audit::AuditEvent;
 use crate::backend::{BackendError, Upkeep};
 use crate::config::Config;
+use crate::kill::KillRule;
 use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, KillPage, LedgerError};
 use crate::metrics::JobLabels;
 use crate::policy::PolicySet;
@@ -152,14 +153,22 @@ pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
             break;
         }
         total += jobs.len();
+        // A kill enqueues one job per credential; its rule is read once per batch, not per job.
+        let mut rules: HashMap<uuid::Uuid, Option<Arc<KillRule>>> = HashMap::new();
+        for id in jobs.iter().filter_map(|j| j.kill_id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = rules.entry(id) {
+                slot.insert(app.ledger.kill_rule(id).await?.map(|k| Arc::new(k.rule)));
+            }
+        }
         let mut set = JoinSet::new();
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
         for job in jobs {
             let app = app.clone();
             let permits = permits.clone();
+            let rule = job.kill_id.and_then(|id| rules.get(&id).cloned().flatten());
             set.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let outcome = run_job(&app, &job).await;
+                let outcome = run_job(&app, &job, rule.as_deref()).await;
                 let label = match &outcome {
                     JobOutcome::Done { .. } => "done",
                     JobOutcome::Retry { .. } => "retry",
@@ -180,7 +189,8 @@ pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
 }
 
 /// Runs one job: revoke a credential (now, or at its TTL end).
-async fn run_job(app: &App, job: &Job) -> JobOutcome {
+/// `rule`: the kill rule the job revokes for, if any (read by the caller for the whole batch).
+async fn run_job(app: &App, job: &Job, rule: Option<&KillRule>) -> JobOutcome {
     let now = app.clock.now();
     let credential = match app.ledger.credential(job.credential_id).await {
         Ok(Some(c)) => c,
@@ -218,14 +228,7 @@ async fn run_job(app: &App, job: &Job) -> JobOutcome {
         };
     };
     // A kill's revocation may refuse more than this one credential at once (AWS session tags).
-    let rule = match job.kill_id {
-        Some(id) => match app.ledger.kill_rule(id).await {
-            Ok(found) => found.map(|k| k.rule),
-            Err(e) => return retry(job, now, e.to_string()),
-        },
-        None => None,
-    };
-    let revoked = match &rule {
+    let revoked = match rule {
         Some(rule) => backend.revoke_for_kill(&credential, handle.as_deref(), rule).await,
         None => backend.revoke(&credential, handle.as_deref()).await,
     };
