@@ -321,7 +321,10 @@ for var in "${!LATCHKEY_TEST_@}"; do unset "$var"; done
 # crate; what matters is that nothing builds it.
 one_crypto_provider() {
   local built
-  built=$(cargo tree --workspace --target all -e normal,build -i ring 2>/dev/null || true)
+  built=$(cargo tree --workspace --target all -e normal,build -i ring 2>/dev/null) || {
+    log "cargo tree failed: cannot tell which crypto providers are built"
+    return 1
+  }
   if [[ -n $built ]]; then
     log "ring is in the build graph beside aws-lc-rs:"
     printf '%s\n' "$built" >&2
