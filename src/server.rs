@@ -127,7 +127,9 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         .transpose()
         .context("configuring [admin_oidc]")?;
     let store_url = resolve_store_url(&config);
-    let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
+    let ledger = crate::ledger::open(&store_url, options.migrate, &config.store.postgres())
+        .await
+        .context("opening the store")?;
     let mut verifier =
         Verifier::new(&config.issuers, &config.server.audience, config.limits.outbound_timeout, clock.clone())
             .context("configuring issuers")?;
