@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod dev;
 pub mod error;
+pub mod ip_limit;
 mod kills;
 mod release;
 mod token;

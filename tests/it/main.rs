@@ -13,6 +13,7 @@ mod hostile;
 mod kill;
 mod kill_everywhere;
 mod lifecycle;
+mod limits;
 mod peer_exchange;
 mod peer_smoke;
 mod postgres_store;

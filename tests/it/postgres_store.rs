@@ -95,6 +95,7 @@ fn intent(jti: &str) -> (ExchangeRow, CredentialRow, Activate) {
             capability: "pr-review".into(),
             keep_until: now + chrono::Duration::minutes(10),
         }),
+        max_active: None,
         jobs: Vec::new(),
         event: AuditEvent::new("exchange.allowed", now),
     };
@@ -206,4 +207,27 @@ async fn serve_refuses_an_unmigrated_or_newer_schema() {
     let err = latchkey::ledger::open(&url, true, &Settings::default()).await.unwrap_err();
     assert!(matches!(&err, LedgerError::Schema(m) if m.contains("newer latchkey")), "migrate refuses too: {err}");
     assert!(!err.to_string().contains("options"), "the message names the database, not the URL: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_is_counted_across_replicas() {
+    let Some(url) = schema_url().await else { return };
+    let (a, b) = replicas(&url).await;
+    let now = Utc::now();
+    // 10 an hour in one burst, asked 40 times from two replicas at once: 10 go through.
+    let rate = latchkey::policy::Rate::parse("10/hour").unwrap();
+    let take = |ledger: Arc<dyn Ledger>| async move {
+        let mut allowed = 0;
+        for _ in 0..20 {
+            if ledger.take_rate("identity", now, rate.interval(), rate.tolerance()).await.unwrap().is_none() {
+                allowed += 1;
+            }
+        }
+        allowed
+    };
+    let (by_a, by_b) = tokio::join!(take(a.clone()), take(b.clone()));
+    assert_eq!(by_a + by_b, 10, "{by_a} on one replica, {by_b} on the other");
+    // The next place is one interval (6 minutes) after the burst; times are kept to the millisecond.
+    let wait = b.take_rate("identity", now, rate.interval(), rate.tolerance()).await.unwrap().unwrap();
+    assert!((359.0..=360.0).contains(&wait.as_secs_f64()), "{wait:?}");
 }

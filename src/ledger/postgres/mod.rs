@@ -37,7 +37,7 @@ use super::rows::{id, ts};
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
-    LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    LedgerError, LiveCount, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -463,6 +463,28 @@ impl Ledger for PgLedger {
             Reply::Count(n) => Ok(n),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn take_rate(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Result<Option<Duration>, LedgerError> {
+        match self.write(Op::TakeRate { key: key.to_owned(), now, interval, tolerance }).await? {
+            Reply::Wait(wait) => Ok(wait),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn live_count(
+        &self,
+        agent: &str,
+        repository: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<LiveCount, LedgerError> {
+        read::live_count(&self.pool, agent, repository, now, None).await
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {
