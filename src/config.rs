@@ -94,7 +94,8 @@ pub struct StoreConfig {
     /// is a transaction left idle that long.
     #[serde(default = "default_statement_timeout", with = "humantime_serde_compat")]
     pub statement_timeout: Duration,
-    /// PostgreSQL: how long to wait for a connection.
+    /// PostgreSQL: how long to wait for a connection, new or from the pool; while the store is
+    /// down, exchanges and `/readyz` answer 503 after this long.
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
 }
@@ -108,7 +109,7 @@ fn default_statement_timeout() -> Duration {
 }
 
 fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(1)
 }
 
 impl Default for StoreConfig {
