@@ -268,7 +268,7 @@ mod tests {
     fn files_are_written_with_private_secrets() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = write_files(dir.path(), "http://127.0.0.1:5151").expect("files");
+        let files = write_files(dir.path(), "http://127.0.0.1:5151", "sqlite://latchkey.db").expect("files");
         let key = std::fs::read_to_string(dir.path().join("latchkey.key")).expect("key");
         assert!(key.ends_with('\n'));
         let raw = base64::engine::general_purpose::STANDARD.decode(key.trim_end()).expect("base64");
