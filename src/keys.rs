@@ -55,7 +55,8 @@ pub async fn reseal(app: &App) -> Result<ResealReport, LedgerError> {
         if sealer.is_current(&blob.blob) {
             continue;
         }
-        let opened = aad(&blob).ok_or(crate::seal::SealError::Malformed).and_then(|aad| sealer.reseal(&aad, &blob.blob));
+        let opened =
+            aad(&blob).ok_or(crate::seal::SealError::Malformed).and_then(|aad| sealer.reseal(&aad, &blob.blob));
         match opened {
             Ok(Some(new)) => reseals.push(Reseal { kind: blob.kind, id: blob.id, old: blob.blob, new }),
             Ok(None) => {}

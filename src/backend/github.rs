@@ -33,8 +33,8 @@ use serde_json::{Map, Value, json};
 
 use super::{Backend, BackendError, MintRequest, Minted, SecretFields, fingerprint};
 use crate::config::GithubAppConfig;
-use crate::metrics::GithubAppLabels;
 use crate::ledger::CredentialRow;
+use crate::metrics::GithubAppLabels;
 use crate::policy::{BackendKind, GithubGrant, GithubRepositories, GrantSpec};
 
 pub const ISSUED_TOKEN_TYPE: &str = "urn:latchkey:token-type:github-installation";
@@ -161,8 +161,7 @@ impl GithubBackend {
             let mut keys = Vec::with_capacity(1 + c.previous_private_key_files.len());
             for file in std::iter::once(&c.private_key_file).chain(&c.previous_private_key_files) {
                 let path = resolve(file);
-                let pem =
-                    std::fs::read(&path).map_err(|e| key_err(format!("cannot read {}: {e}", path.display())))?;
+                let pem = std::fs::read(&path).map_err(|e| key_err(format!("cannot read {}: {e}", path.display())))?;
                 keys.push(parse_private_key(&pem).map_err(|m| key_err(format!("{}: {m}", path.display())))?);
             }
             let api_url = c.api_url.trim_end_matches('/').to_owned();
@@ -262,6 +261,7 @@ impl GithubBackend {
     /// that signed the JWT: during a key rotation the previous keys are tried in turn, and an
     /// answer only a previous key got is logged and counted, so that the operator finishes the
     /// rotation (uploads the new key to the app) before removing the old one.
+    #[allow(clippy::too_many_arguments)]
     async fn send_as_app(
         &self,
         app: &App,

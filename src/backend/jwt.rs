@@ -165,11 +165,8 @@ impl JwtBackend {
             event.detail = Some(json!({ "kid": key.id, "algorithm": "ES256" }));
             ledger.insert_signing_key(&key, event).await?;
         }
-        let backend = JwtBackend {
-            issuer: issuer.to_owned(),
-            keys: RwLock::new(Arc::new(Vec::new())),
-            rng: SystemRandom::new(),
-        };
+        let backend =
+            JwtBackend { issuer: issuer.to_owned(), keys: RwLock::new(Arc::new(Vec::new())), rng: SystemRandom::new() };
         backend.refresh(ledger, sealer, now).await?;
         Ok(backend)
     }
@@ -215,7 +212,11 @@ impl JwtBackend {
         actor: &str,
         request_id: Option<&str>,
     ) -> Result<KeyView, JwtKeyError> {
-        let key = new_key(sealer, now)?;
+        // Keys are ordered by creation: a new key is strictly newer than every stored one, even
+        // when a clock step or a rotation in the same millisecond would say otherwise.
+        let newest = ledger.signing_keys().await?.into_iter().map(|k| k.created_at).max();
+        let created_at = newest.map_or(now, |n| now.max(n + chrono::Duration::milliseconds(1)));
+        let key = new_key(sealer, created_at)?;
         let previous = self.signer(now).map(|k| k.kid.clone());
         let mut event = AuditEvent::new("signing_key.rotated", now);
         event.actor = Some(actor.to_owned());
@@ -224,14 +225,11 @@ impl JwtBackend {
             "kid": key.id,
             "algorithm": "ES256",
             "previous_kid": previous,
-            "signs_from": crate::audit::format_time(now + ACTIVATION_DELAY),
+            "signs_from": crate::audit::format_time(created_at + ACTIVATION_DELAY),
         }));
         ledger.insert_signing_key(&key, event).await?;
         self.refresh(ledger, sealer, now).await?;
-        self.views(now)
-            .into_iter()
-            .find(|v| v.kid == key.id)
-            .ok_or_else(|| JwtKeyError::BadKey(key.id.clone()))
+        self.views(now).into_iter().find(|v| v.kid == key.id).ok_or_else(|| JwtKeyError::BadKey(key.id.clone()))
     }
 
     /// Every key still published, and its phase at `now`, oldest first.

@@ -70,7 +70,7 @@ async fn a_rotated_jwt_key_signs_after_its_delay_and_the_old_one_stays_published
     let t = TestApp::builder().no_background().start().await;
     let before = jwt_exchange(&t).await;
     let old_kid = kid_of(&before);
-    assert_eq!(jwks_kids(&t).await, [old_kid.clone()]);
+    assert_eq!(jwks_kids(&t).await, [old_kid.as_str()]);
 
     // Only an admin rotates; an auditor may look.
     let refused = t.post_json("/v1/signing-keys/rotate", Some(SECURITY_KEY), &json!({})).await;
@@ -88,7 +88,7 @@ async fn a_rotated_jwt_key_signs_after_its_delay_and_the_old_one_stays_published
 
     // Both keys are published at once; the old one still signs until every cached JWKS lists
     // the new one.
-    assert_eq!(jwks_kids(&t).await, [old_kid.clone(), new_kid.clone()]);
+    assert_eq!(jwks_kids(&t).await, [old_kid.as_str(), new_kid.as_str()]);
     assert_eq!(kid_of(&jwt_exchange(&t).await), old_kid);
     t.clock.advance(latchkey::backend::jwt::ACTIVATION_DELAY + chrono::Duration::seconds(1));
     let after = jwt_exchange(&t).await;
@@ -106,13 +106,13 @@ async fn a_rotated_jwt_key_signs_after_its_delay_and_the_old_one_stays_published
 
     // Until every token the old key signed has expired: the longest TTL, 12 h, and a margin.
     t.clock.advance(chrono::Duration::hours(12));
-    assert_eq!(jwks_kids(&t).await, [old_kid.clone(), new_kid.clone()]);
+    assert_eq!(jwks_kids(&t).await, [old_kid.as_str(), new_kid.as_str()]);
     t.clock.advance(chrono::Duration::minutes(6));
-    assert_eq!(jwks_kids(&t).await, [new_kid.clone()], "the old kid is gone once its tokens expired");
+    assert_eq!(jwks_kids(&t).await, [new_kid.as_str()], "the old kid is gone once its tokens expired");
 
     // The rotation is in the ledger: after a restart the new key signs and the old one stays gone.
     let t = t.restart().await;
-    assert_eq!(jwks_kids(&t).await, [new_kid.clone()]);
+    assert_eq!(jwks_kids(&t).await, [new_kid.as_str()]);
     assert_eq!(kid_of(&jwt_exchange(&t).await), new_kid);
 }
 
@@ -121,6 +121,7 @@ async fn a_replica_picks_up_a_key_another_replica_created_and_the_cli_rotates_an
     let t = TestApp::builder().no_background().start().await;
     let old_kid = kid_of(&jwt_exchange(&t).await);
     // Another replica on the same store rotates (here: a second key set on the same ledger).
+    t.clock.advance(chrono::Duration::seconds(1));
     let now = latchkey::app::Clock::now(&*t.clock);
     let sealer = Sealer::from_bytes(&[9; 32]);
     let other =
@@ -128,10 +129,10 @@ async fn a_replica_picks_up_a_key_another_replica_created_and_the_cli_rotates_an
             .await
             .unwrap();
     let view = other.rotate(&*t.app.ledger, &sealer, now, "admin-key:other", None).await.unwrap();
-    assert_eq!(jwks_kids(&t).await, [old_kid.clone()], "not read yet");
+    assert_eq!(jwks_kids(&t).await, [old_kid.as_str()], "not read yet");
     // This replica's periodic refresh reads it: published now, signing after the delay.
     latchkey::keys::refresh_signing_keys(&t.app).await.unwrap();
-    assert_eq!(jwks_kids(&t).await, [old_kid.clone(), view.kid.clone()]);
+    assert_eq!(jwks_kids(&t).await, [old_kid.as_str(), view.kid.as_str()]);
     t.clock.advance(latchkey::backend::jwt::ACTIVATION_DELAY);
     assert_eq!(kid_of(&jwt_exchange(&t).await), view.kid);
 
@@ -163,11 +164,9 @@ fn set_sealing(dir: &Path, text: &str) {
 
 /// The key id of every sealed blob in the SQLite file.
 fn stored_key_ids(dir: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        dir.join("latchkey.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(dir.join("latchkey.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let mut stmt = conn
         .prepare(
             "SELECT handle FROM credentials WHERE handle IS NOT NULL UNION ALL SELECT sealed_private FROM signing_keys",
@@ -184,10 +183,7 @@ async fn a_new_sealing_key_reseals_every_blob_so_the_old_key_can_go() {
     let (key_a, key_b) = (dir.path().join("a.key"), dir.path().join("b.key"));
     latchkey::seal::generate_key_file(&key_a).unwrap();
     latchkey::seal::generate_key_file(&key_b).unwrap();
-    let (id_a, id_b) = (
-        Sealer::load(&key_a, &[]).unwrap().key_id(),
-        Sealer::load(&key_b, &[]).unwrap().key_id(),
-    );
+    let (id_a, id_b) = (Sealer::load(&key_a, &[]).unwrap().key_id(), Sealer::load(&key_b, &[]).unwrap().key_id());
     let mut builder = TestApp::builder().clock(clock).no_background().sealing_from_config();
     if let Some(gh) = &gh {
         let policy = format!(
@@ -329,10 +325,12 @@ async fn an_admin_key_is_rotated_by_adding_the_new_one_then_removing_the_old_one
 
 #[tokio::test]
 async fn a_sqlite_backup_taken_under_writes_restores_into_a_broker_whose_chain_verifies() {
-    let t = TestApp::builder().start().await;
+    let t = TestApp::builder().checkpoint_key().start().await;
     for _ in 0..3 {
         jwt_exchange(&t).await;
     }
+    let c = t.post_json("/v1/audit/checkpoints", Some(ADMIN_KEY), &json!({})).await;
+    assert!(c.status.is_success(), "{}", c.text);
     // Writes go on while the copy is taken.
     let writer = {
         let (url, client, tokens) =
@@ -361,12 +359,14 @@ async fn a_sqlite_backup_taken_under_writes_restores_into_a_broker_whose_chain_v
     let restored = tempfile::tempdir().unwrap();
     std::fs::copy(t.dir.path().join("backup.db"), restored.path().join("latchkey.db")).unwrap();
     let store = format!("sqlite://{}", restored.path().join("latchkey.db").display());
-    let (ok, out) = cli(&t, None, &["audit", "verify", "--store", &store]).await;
-    assert!(ok && out.contains("audit chain OK"), "{out}");
+    let key = ["--key-file", "checkpoint.key"];
+    let (ok, out) = cli(&t, None, &[&["audit", "verify", "--store", &store][..], &key].concat()).await;
+    assert!(ok && out.contains("audit chain OK") && out.contains("1 checkpoint(s) agree"), "{out}");
     let copied_config = std::fs::read_to_string(t.dir.path().join("latchkey.toml")).unwrap();
     let policies = t.dir.path().join("policies").display().to_string();
     let config = copied_config.replace("dir = \"policies\"", &format!("dir = \"{policies}\""));
     std::fs::write(restored.path().join("latchkey.toml"), config).unwrap();
+    std::fs::copy(t.dir.path().join("checkpoint.key"), restored.path().join("checkpoint.key")).unwrap();
     let config = latchkey::config::Config::load(&restored.path().join("latchkey.toml")).unwrap();
     let app = latchkey::server::build(
         config,
@@ -392,16 +392,11 @@ async fn a_sqlite_backup_taken_under_writes_restores_into_a_broker_whose_chain_v
     let body: Value = listed.json().await.unwrap();
     let n = body["items"].as_array().unwrap().len();
     assert!(n >= 3, "the restored ledger answers listings: {n} credentials");
-    let verify = t
-        .client
-        .get(format!("{}/v1/audit/verify", running.url()))
-        .bearer_auth(AUDITOR_KEY)
-        .send()
-        .await
-        .unwrap();
+    let verify =
+        t.client.get(format!("{}/v1/audit/verify", running.url())).bearer_auth(AUDITOR_KEY).send().await.unwrap();
     assert_eq!(verify.status(), StatusCode::OK, "{}", verify.text().await.unwrap());
     running.shutdown().await;
-    let (ok, out) = cli(&t, None, &["audit", "verify", "--store", &store]).await;
+    let (ok, out) = cli(&t, None, &[&["audit", "verify", "--store", &store][..], &key].concat()).await;
     assert!(ok && out.contains("audit chain OK"), "still whole after the broker wrote to it: {out}");
 }
 
@@ -448,8 +443,12 @@ async fn a_postgres_store_dumped_with_pg_dump_restores_into_another_schema_whose
     assert!(restore.status.success(), "{}", String::from_utf8_lossy(&restore.stderr));
 
     let to_url = format!("{base}?options[search_path]={to}");
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("checkpoint.key");
+    latchkey::checkpoint::generate_key_file(&key_file).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-        .args(["audit", "verify", "--store", &to_url])
+        .args(["audit", "verify", "--store", &to_url, "--key-file"])
+        .arg(&key_file)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -459,6 +458,19 @@ async fn a_postgres_store_dumped_with_pg_dump_restores_into_another_schema_whose
     let restored = latchkey::ledger::open(&to_url, false, &settings).await.unwrap();
     assert_eq!(restored.audit_head().await.unwrap().0, 21);
     assert_eq!(restored.signing_keys().await.unwrap().len(), 1);
+    // The PostgreSQL store re-seals compare-and-set too: the second of two racing replicas
+    // finds the blob changed and writes nothing.
+    let blob = restored.sealed_blobs().await.unwrap().remove(0);
+    assert_eq!(blob.kind, SealedKind::SigningKey);
+    let rotated = Sealer::from_bytes(&[7; 32]);
+    let opened = Sealer::from_bytes(&[9; 32]).open(&latchkey::backend::jwt::key_aad(&blob.id), &blob.blob).unwrap();
+    let new = rotated.seal(&latchkey::backend::jwt::key_aad(&blob.id), &opened);
+    let reseal = Reseal { kind: blob.kind, id: blob.id.clone(), old: blob.blob.clone(), new: new.clone() };
+    let first = restored.reseal(vec![reseal.clone()], &rotated.key_id(), Utc::now()).await.unwrap();
+    let second = restored.reseal(vec![reseal], &rotated.key_id(), Utc::now()).await.unwrap();
+    assert_eq!((first.signing_keys, first.skipped, second.changed(), second.skipped), (1, 0, 0, 1));
+    assert_eq!(restored.sealed_blobs().await.unwrap()[0].blob, new);
+    assert_eq!(restored.audit_head().await.unwrap().0, 22, "one sealing.resealed event");
     // And `latchkey backup` points PostgreSQL users at pg_dump.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
         .args(["backup", "--store", &to_url, "--to", "/nonexistent/x"])

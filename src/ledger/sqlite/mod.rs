@@ -199,9 +199,8 @@ pub fn backup(path: &Path, to: &Path) -> Result<BackupReport, LedgerError> {
     if to.exists() {
         return Err(LedgerError::Conflict(format!("{} exists; a backup never overwrites a file", to.display())));
     }
-    let source =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(db_err)?;
+    let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(db_err)?;
     source.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
     if schema::version(&source)? == 0 {
         return Err(LedgerError::Schema(format!("{} has no latchkey schema", path.display())));

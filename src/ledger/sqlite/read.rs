@@ -14,8 +14,7 @@ use tokio::sync::Semaphore;
 use super::codec::{
     Cols, checkpoint_from_row, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns,
     exchange_from_row, kill_target_columns, kill_target_from_row, query_all, query_opt, sealed_blob_from_row,
-    signing_key_from_row,
-    stored_kill_columns, stored_kill_from_row, ts,
+    signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
 };
 use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
