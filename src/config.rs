@@ -247,7 +247,12 @@ pub struct AwsConfig {
 pub struct GithubAppConfig {
     pub id: String,
     pub app_id: u64,
+    /// The app's private key (PEM): it signs the app JWT.
     pub private_key_file: PathBuf,
+    /// Keys of the same app still accepted during a key rotation: when GitHub refuses the app
+    /// JWT signed with `private_key_file` (401), each of these is tried in turn.
+    #[serde(default)]
+    pub previous_private_key_files: Vec<PathBuf>,
     #[serde(default = "default_github_api")]
     pub api_url: String,
 }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod fuzzing;
 pub mod http;
+pub mod keys;
 pub mod kill;
 pub mod killswitch;
 pub mod ledger;

@@ -47,6 +47,15 @@ pub struct Metrics {
     pub policy_reload_failures: Counter,
     /// Credentials possibly issued without a recorded handle: an alert, each one.
     pub possibly_issued: Counter,
+    /// Sealed blobs not under the current sealing key, after the last re-seal pass.
+    pub sealed_not_current: Gauge,
+    /// App JWTs GitHub refused with the first key of an app and accepted with a previous one.
+    pub github_previous_key_used: Family<GithubAppLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GithubAppLabels {
+    pub app: String,
 }
 
 impl Default for Metrics {
@@ -87,7 +96,22 @@ impl Metrics {
             "Credentials left by a crash between mint and record that cannot be revoked (alert on any)",
             possibly_issued.clone(),
         );
+        let sealed_not_current = Gauge::default();
+        registry.register(
+            "sealed_blobs_not_current",
+            "Sealed blobs (revocation handles, signing keys) not yet under the current sealing key; \
+             previous_key_files can be dropped once this is 0 on every replica",
+            sealed_not_current.clone(),
+        );
+        let github_previous_key_used = Family::<GithubAppLabels, Counter>::default();
+        registry.register(
+            "github_app_previous_key_used",
+            "GitHub refused an app's first private key and accepted a previous one (finish the key rotation)",
+            github_previous_key_used.clone(),
+        );
         Metrics {
+            sealed_not_current,
+            github_previous_key_used,
             registry,
             exchanges,
             exchange_seconds,

@@ -71,6 +71,28 @@ impl Sealer {
         hex::encode(self.current.id)
     }
 
+    /// The id (hex) of the key a blob was sealed with, read from its header; `None` for a blob
+    /// too short to have one.
+    pub fn key_id_of(blob: &[u8]) -> Option<String> {
+        (blob.len() >= HEADER_LEN && blob[0] == VERSION).then(|| hex::encode(&blob[1..1 + KEY_ID_LEN]))
+    }
+
+    /// Whether a blob was sealed with the current key: once every stored blob is, the previous
+    /// keys can be dropped from the configuration.
+    pub fn is_current(&self, blob: &[u8]) -> bool {
+        blob.len() >= HEADER_LEN && blob[0] == VERSION && blob[1..1 + KEY_ID_LEN] == self.current.id
+    }
+
+    /// Opens a blob sealed with a previous key and seals its content again with the current key,
+    /// under the same associated data. `Ok(None)` when the blob is already under the current key.
+    pub fn reseal(&self, aad: &[u8], blob: &[u8]) -> Result<Option<Vec<u8>>, SealError> {
+        if self.is_current(blob) {
+            return Ok(None);
+        }
+        let plain = zeroize_on_drop(self.open(aad, blob)?);
+        Ok(Some(self.seal(aad, &plain.0)))
+    }
+
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).expect("the system random source works");
@@ -101,6 +123,22 @@ impl Sealer {
         let mut body = blob[HEADER_LEN..].to_vec();
         let plain = key.key.open_in_place(nonce, Aad::from(aad), &mut body).map_err(|_| SealError::Open)?;
         Ok(plain.to_vec())
+    }
+}
+
+/// Plaintext held only for the moment of a re-seal, overwritten when dropped.
+struct Plain(Vec<u8>);
+
+fn zeroize_on_drop(v: Vec<u8>) -> Plain {
+    Plain(v)
+}
+
+impl Drop for Plain {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // `black_box` keeps the compiler from eliding the wipe of a buffer about to be freed.
+            *b = std::hint::black_box(0);
+        }
     }
 }
 
@@ -167,6 +205,15 @@ mod tests {
         let rotated = Sealer::load(&new, std::slice::from_ref(&old)).unwrap();
         assert_eq!(rotated.open(b"a", &blob).unwrap(), b"x");
         assert!(matches!(Sealer::load(&new, &[]).unwrap().open(b"a", &blob), Err(SealError::UnknownKey(_))));
+
+        // Re-sealing moves the blob to the new key, after which the old key is not needed.
+        assert!(!rotated.is_current(&blob));
+        let resealed = rotated.reseal(b"a", &blob).unwrap().expect("an old blob is re-sealed");
+        assert!(rotated.is_current(&resealed));
+        assert_eq!(Sealer::key_id_of(&resealed), Some(rotated.key_id()));
+        assert_eq!(Sealer::load(&new, &[]).unwrap().open(b"a", &resealed).unwrap(), b"x");
+        assert!(rotated.reseal(b"a", &resealed).unwrap().is_none(), "a current blob is left alone");
+        assert!(rotated.reseal(b"b", &blob).is_err(), "the associated data still binds the blob");
     }
 
     #[test]

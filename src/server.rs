@@ -142,6 +142,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
             verifier.with_key_source(&id, Arc::new(StaticKeySource::from_json(dev.jwks().to_string().as_bytes())?));
     }
     let now = clock.now();
+    let metrics = Metrics::new();
     let jwt = Arc::new(JwtBackend::load_or_create(&*ledger, &sealer, config.public_url(), now).await?);
     let mut backends: HashMap<BackendKind, Arc<dyn Backend>> = HashMap::new();
     if config.backends.jwt.enabled {
@@ -151,7 +152,8 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
     let injected: Vec<BackendKind> = options.backends.iter().map(|b| b.kind()).collect();
     if !config.backends.github.is_empty() && !injected.contains(&BackendKind::Github) {
         let github = GithubBackend::new(&config.backends.github, |p| config.resolve(p), config.limits.outbound_timeout)
-            .context("configuring the GitHub backend")?;
+            .context("configuring the GitHub backend")?
+            .with_metrics(&metrics);
         backends.insert(BackendKind::Github, Arc::new(github));
     }
     if let Some(aws) = &config.backends.aws
@@ -195,7 +197,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         vault_policies,
         jwt,
         sealer,
-        metrics: Metrics::new(),
+        metrics,
         jobs_wake: tokio::sync::Notify::new(),
         per_ip: config.limits.per_ip.map(|mut rate| {
             rate.burst = config.limits.per_ip_burst.unwrap_or(rate.count).min(rate.count);
@@ -371,6 +373,11 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     app.verifier.refresh_all().await;
     if let Err(e) = crate::worker::reconcile(&app).await {
         tracing::warn!(error = %e, "start-up reconciliation could not reach the ledger");
+    }
+    // Blobs still sealed with a previous sealing key move to the current one before anything
+    // else may need them; the pass runs again every minute.
+    if let Err(e) = crate::keys::reseal(&app).await {
+        tracing::warn!(error = %e, "start-up re-seal pass could not reach the ledger");
     }
     // Rules that lapsed while no broker ran get their `kill.lapsed` event now.
     if let Err(e) = crate::worker::record_lapses(&app).await {

@@ -89,6 +89,19 @@ pub fn spawn_all(app: &AppState) {
             if let Err(e) = maintain_backends(&a).await {
                 tracing::warn!(error = %e, "backend upkeep could not read the kill rules");
             }
+            if let Err(e) = crate::keys::reseal(&a).await {
+                tracing::warn!(error = %e, "the re-seal pass could not reach the ledger");
+            }
+        }
+    });
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::backend::jwt::KEY_REFRESH);
+        loop {
+            tick.tick().await;
+            if let Err(e) = crate::keys::refresh_signing_keys(&a).await {
+                tracing::warn!(error = %e, "could not re-read the jwt signing keys; the loaded ones keep serving");
+            }
         }
     });
     // The baseline is taken now, not when the task first runs: a change made in between must

@@ -21,6 +21,8 @@ use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use rustls::pki_types::PrivateKeyDer;
@@ -32,6 +34,7 @@ use serde_json::{Map, Value, json};
 use super::{Backend, BackendError, MintRequest, Minted, SecretFields, fingerprint};
 use crate::config::GithubAppConfig;
 use crate::ledger::CredentialRow;
+use crate::metrics::GithubAppLabels;
 use crate::policy::{BackendKind, GithubGrant, GithubRepositories, GrantSpec};
 
 pub const ISSUED_TOKEN_TYPE: &str = "urn:latchkey:token-type:github-installation";
@@ -104,11 +107,15 @@ impl From<GithubError> for BackendError {
 struct App {
     id: String,
     app_id: u64,
-    key: RsaKeyPair,
+    /// `private_key_file`, then `previous_private_key_files`: the first signs; the others are
+    /// tried when GitHub refuses it, during a key rotation.
+    keys: Vec<RsaKeyPair>,
     /// Without a trailing slash: `https://api.github.com`, or GHES's `https://host/api/v3`.
     api_url: String,
-    /// The current app JWT and when it ends.
-    jwt: Mutex<Option<(SecretString, DateTime<Utc>)>>,
+    /// The current app JWT, the index of the key that signed it, and when it ends. A fresh JWT
+    /// is always signed with the first key again, so a rotation finished at GitHub is noticed
+    /// within one JWT's life.
+    jwt: Mutex<Option<(usize, SecretString, DateTime<Utc>)>>,
 }
 
 /// An owner's installation as GitHub reported it.
@@ -128,6 +135,8 @@ pub struct GithubBackend {
     rng: SystemRandom,
     /// (app id, lowercase owner login) → installation, until the time given.
     installations: Mutex<HashMap<(String, String), CachedInstallation>>,
+    /// Counts app JWTs GitHub accepted only with a previous key, per app.
+    previous_key_used: Family<GithubAppLabels, Counter>,
 }
 
 impl std::fmt::Debug for GithubBackend {
@@ -149,14 +158,17 @@ impl GithubBackend {
         let mut apps = Vec::with_capacity(configs.len());
         for c in configs {
             let key_err = |message: String| GithubError::Key { app: c.id.clone(), message };
-            let path = resolve(&c.private_key_file);
-            let pem = std::fs::read(&path).map_err(|e| key_err(format!("cannot read {}: {e}", path.display())))?;
-            let key = parse_private_key(&pem).map_err(key_err)?;
+            let mut keys = Vec::with_capacity(1 + c.previous_private_key_files.len());
+            for file in std::iter::once(&c.private_key_file).chain(&c.previous_private_key_files) {
+                let path = resolve(file);
+                let pem = std::fs::read(&path).map_err(|e| key_err(format!("cannot read {}: {e}", path.display())))?;
+                keys.push(parse_private_key(&pem).map_err(|m| key_err(format!("{}: {m}", path.display())))?);
+            }
             let api_url = c.api_url.trim_end_matches('/').to_owned();
             if url::Url::parse(&api_url).is_err() {
                 return Err(GithubError::ApiUrl { app: c.id.clone(), url: c.api_url.clone() });
             }
-            apps.push(App { id: c.id.clone(), app_id: c.app_id, key, api_url, jwt: Mutex::new(None) });
+            apps.push(App { id: c.id.clone(), app_id: c.app_id, keys, api_url, jwt: Mutex::new(None) });
         }
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -166,7 +178,19 @@ impl GithubBackend {
             .user_agent(concat!("latchkey/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| GithubError::Unreachable { operation: "client setup", message: e.to_string() })?;
-        Ok(GithubBackend { apps, http, rng: SystemRandom::new(), installations: Mutex::new(HashMap::new()) })
+        Ok(GithubBackend {
+            apps,
+            http,
+            rng: SystemRandom::new(),
+            installations: Mutex::new(HashMap::new()),
+            previous_key_used: Family::default(),
+        })
+    }
+
+    /// Counts the app JWTs that only a previous key got accepted into this metric family.
+    pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.previous_key_used = metrics.github_previous_key_used.clone();
+        self
     }
 
     fn app(&self, name: Option<&str>) -> Result<&App, GithubError> {
@@ -180,26 +204,94 @@ impl GithubBackend {
         })
     }
 
-    /// The app's JWT, signed anew when the cached one is close to its end.
-    fn app_jwt(&self, app: &App, now: DateTime<Utc>) -> Result<SecretString, GithubError> {
+    /// The app's JWT and the index of the key that signed it, signed anew (with the first key)
+    /// when the cached one is close to its end.
+    fn app_jwt(&self, app: &App, now: DateTime<Utc>) -> Result<(usize, SecretString), GithubError> {
         let mut cached = app.jwt.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((jwt, exp)) = cached.as_ref()
+        if let Some((index, jwt, exp)) = cached.as_ref()
             && (*exp - now).num_seconds() > JWT_REFRESH_MARGIN
         {
-            return Ok(jwt.clone());
+            return Ok((*index, jwt.clone()));
         }
+        let (jwt, exp) = self.sign_app_jwt(app, 0, now)?;
+        *cached = Some((0, jwt.clone(), exp));
+        Ok((0, jwt))
+    }
+
+    /// After GitHub refused the JWT signed with key `refused`: a JWT signed with the next key,
+    /// cached in its place, or `None` when no key is left (the cache is then cleared, so the
+    /// next call starts from the first key again).
+    fn next_app_jwt(
+        &self,
+        app: &App,
+        refused: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(usize, SecretString)>, GithubError> {
+        let mut cached = app.jwt.lock().unwrap_or_else(|p| p.into_inner());
+        let next = refused + 1;
+        if next >= app.keys.len() {
+            *cached = None;
+            return Ok(None);
+        }
+        let (jwt, exp) = self.sign_app_jwt(app, next, now)?;
+        *cached = Some((next, jwt.clone(), exp));
+        Ok(Some((next, jwt)))
+    }
+
+    fn sign_app_jwt(
+        &self,
+        app: &App,
+        index: usize,
+        now: DateTime<Utc>,
+    ) -> Result<(SecretString, DateTime<Utc>), GithubError> {
+        let key = &app.keys[index];
         let iat = now.timestamp() - JWT_BACKDATE;
         let exp = now.timestamp() + JWT_LIFETIME;
         let header = B64.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
         let claims = B64.encode(json!({ "iat": iat, "exp": exp, "iss": app.app_id.to_string() }).to_string());
         let signing_input = format!("{header}.{claims}");
-        let mut signature = vec![0; app.key.public_modulus_len()];
-        app.key
-            .sign(&RSA_PKCS1_SHA256, &self.rng, signing_input.as_bytes(), &mut signature)
+        let mut signature = vec![0; key.public_modulus_len()];
+        key.sign(&RSA_PKCS1_SHA256, &self.rng, signing_input.as_bytes(), &mut signature)
             .map_err(|_| GithubError::Key { app: app.id.clone(), message: "signing failed".into() })?;
         let jwt = SecretString::from(format!("{signing_input}.{}", B64.encode(signature)));
-        *cached = Some((jwt.clone(), DateTime::from_timestamp(exp, 0).unwrap_or(now)));
-        Ok(jwt)
+        Ok((jwt, DateTime::from_timestamp(exp, 0).unwrap_or(now)))
+    }
+
+    /// Sends a request authenticated as the app. A 401 means GitHub does not accept the key
+    /// that signed the JWT: during a key rotation the previous keys are tried in turn, and an
+    /// answer only a previous key got is logged and counted, so that the operator finishes the
+    /// rotation (uploads the new key to the app) before removing the old one.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_as_app(
+        &self,
+        app: &App,
+        operation: &'static str,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        inline_wait: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Answer, GithubError> {
+        let (mut index, jwt) = self.app_jwt(app, now)?;
+        let mut answer = self.send(operation, method.clone(), url, jwt.expose_secret(), body, inline_wait).await?;
+        while answer.status == StatusCode::UNAUTHORIZED {
+            let Some((next, jwt)) = self.next_app_jwt(app, index, now)? else { break };
+            tracing::warn!(
+                github.app = %app.id, github.operation = operation, github.key = next,
+                "GitHub refused the app JWT; trying the app's previous private key"
+            );
+            index = next;
+            answer = self.send(operation, method.clone(), url, jwt.expose_secret(), body, inline_wait).await?;
+        }
+        if index > 0 && answer.status != StatusCode::UNAUTHORIZED {
+            self.previous_key_used.get_or_create(&GithubAppLabels { app: app.id.clone() }).inc();
+            tracing::warn!(
+                github.app = %app.id, github.key = index,
+                "GitHub accepted the app only with a previous private key: upload private_key_file's public key \
+                 to the app (or fix private_key_file) before removing previous_private_key_files"
+            );
+        }
+        Ok(answer)
     }
 
     /// The installation a grant mints through, with the owner's account id checked.
@@ -267,8 +359,7 @@ impl GithubBackend {
         }
         for (operation, kind) in [("get-org-installation", "orgs"), ("get-user-installation", "users")] {
             let url = format!("{}/{kind}/{}/installation", app.api_url, encode_segment(owner));
-            let jwt = self.app_jwt(app, now)?;
-            let answer = self.send(operation, Method::GET, &url, jwt.expose_secret(), None, false).await?;
+            let answer = self.send_as_app(app, operation, Method::GET, &url, None, false, now).await?;
             match answer.status {
                 StatusCode::OK => {
                     let found: Found = parse(operation, &answer)?;
@@ -512,8 +603,7 @@ impl Backend for GithubBackend {
         for fresh_lookup in [false, true] {
             let installation = self.installation(app, grant, owner_id, request.now).await?;
             let url = format!("{}/app/installations/{installation}/access_tokens", app.api_url);
-            let jwt = self.app_jwt(app, request.now)?;
-            let a = self.send(operation, Method::POST, &url, jwt.expose_secret(), Some(&body), true).await?;
+            let a = self.send_as_app(app, operation, Method::POST, &url, Some(&body), true, request.now).await?;
             if a.status == StatusCode::NOT_FOUND && grant.installation_id.is_none() && !fresh_lookup {
                 self.forget_installation(app, grant.owner.as_deref().unwrap_or_default());
                 continue;

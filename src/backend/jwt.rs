@@ -5,7 +5,8 @@
 //! `active` is inactive even while its signature and `exp` are still good. The signing key is
 //! generated once, kept in the ledger sealed under the sealing key, and shared by every replica.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lc_rs::rand::SystemRandom;
@@ -24,25 +25,85 @@ use crate::seal::Sealer;
 
 pub const ISSUED_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
 
+/// How often every replica re-reads the signing keys from the ledger, to pick up a key another
+/// replica created.
+pub const KEY_REFRESH: Duration = Duration::from_secs(10);
+
+/// How long verifiers may cache `/.well-known/jwks.json` (its `Cache-Control: max-age`).
+pub const JWKS_MAX_AGE_SECS: i64 = 300;
+
+/// A new key is published in the JWKS at once but signs only this long after it was created:
+/// by then every replica has read it (a few [`KEY_REFRESH`]es) and every verifier's cached copy
+/// of the JWKS has been replaced by one that lists it ([`JWKS_MAX_AGE_SECS`]), so that no token
+/// ever names a `kid` its verifier cannot find.
+pub const ACTIVATION_DELAY: chrono::Duration = chrono::Duration::seconds(JWKS_MAX_AGE_SECS + 30);
+
+/// How long a key stays in the JWKS after a newer key took over signing: the longest a
+/// latchkey JWT can live (the longest policy TTL, 12 h) plus a margin for verifiers' clock
+/// leeway. Every token it signed has expired by then.
+pub const RETENTION: chrono::Duration = chrono::Duration::minutes(12 * 60 + 5);
+
 struct SigningKey {
     kid: String,
     pair: EcdsaKeyPair,
     public_point: Vec<u8>,
     public_jwk: Value,
+    created_at: DateTime<Utc>,
+    /// When this key starts signing (its creation + [`ACTIVATION_DELAY`]; at once for the
+    /// first key).
+    signs_from: DateTime<Utc>,
+    /// When a newer key takes over signing; `None` while none exists.
+    superseded_at: Option<DateTime<Utc>>,
+}
+
+impl SigningKey {
+    /// Whether the key is in the JWKS (and verifies for introspection) at `now`.
+    fn published(&self, now: DateTime<Utc>) -> bool {
+        self.superseded_at.is_none_or(|at| now < at + RETENTION)
+    }
+}
+
+/// The phase of one signing key at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Published, not signing yet.
+    Next,
+    /// Signs new tokens.
+    Signing,
+    /// Published until every token it signed has expired.
+    Retiring,
+    /// No longer published.
+    Retired,
+}
+
+/// One signing key as an operator sees it: never the private key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyView {
+    pub kid: String,
+    pub algorithm: &'static str,
+    pub state: KeyState,
+    pub created_at: String,
+    pub signs_from: String,
+    /// When a newer key took (or takes) over signing.
+    pub superseded_at: Option<String>,
+    /// When it leaves the JWKS.
+    pub published_until: Option<String>,
 }
 
 /// Signs latchkey JWTs; verifies them for introspection.
 pub struct JwtBackend {
     /// `iss` of every token: the broker's public URL.
     issuer: String,
-    /// The first key signs; all of them verify.
-    keys: Arc<Vec<SigningKey>>,
+    /// The keys in the ledger, oldest first; replaced whole by [`JwtBackend::refresh`].
+    keys: RwLock<Arc<Vec<SigningKey>>>,
     rng: SystemRandom,
 }
 
 impl std::fmt::Debug for JwtBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kids: Vec<&str> = self.keys.iter().map(|k| k.kid.as_str()).collect();
+        let keys = self.keys();
+        let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
         f.debug_struct("JwtBackend").field("issuer", &self.issuer).field("kids", &kids).finish()
     }
 }
@@ -57,8 +118,36 @@ pub enum JwtKeyError {
     BadKey(String),
 }
 
-fn key_aad(kid: &str) -> Vec<u8> {
+/// The associated data a signing key is sealed under: it binds the sealed key to its kid.
+pub fn key_aad(kid: &str) -> Vec<u8> {
     format!("jwt-signing-key:{kid}").into_bytes()
+}
+
+/// A new P-256 key, sealed, as the ledger stores it.
+fn new_key(sealer: &Sealer, now: DateTime<Utc>) -> Result<StoredKey, JwtKeyError> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .map_err(|_| JwtKeyError::BadKey("new".into()))?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+        .map_err(|_| JwtKeyError::BadKey("new".into()))?;
+    let (kid, jwk) = public_jwk(pair.public_key().as_ref());
+    Ok(StoredKey {
+        id: kid.clone(),
+        algorithm: "ES256".into(),
+        sealed_private: sealer.seal(&key_aad(&kid), pkcs8.as_ref()),
+        public_jwk: jwk,
+        created_at: now,
+    })
+}
+
+/// When each stored key signs from and is superseded, oldest first.
+fn schedule(stored: &mut [StoredKey]) -> Vec<(DateTime<Utc>, Option<DateTime<Utc>>)> {
+    stored.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let signs_from: Vec<DateTime<Utc>> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, k)| if i == 0 { k.created_at } else { k.created_at + ACTIVATION_DELAY })
+        .collect();
+    (0..stored.len()).map(|i| (signs_from[i], signs_from.get(i + 1).copied())).collect()
 }
 
 impl JwtBackend {
@@ -69,54 +158,136 @@ impl JwtBackend {
         issuer: &str,
         now: DateTime<Utc>,
     ) -> Result<JwtBackend, JwtKeyError> {
-        let mut stored = ledger.signing_keys().await?;
-        if stored.is_empty() {
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .map_err(|_| JwtKeyError::BadKey("new".into()))?;
-            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
-                .map_err(|_| JwtKeyError::BadKey("new".into()))?;
-            let (kid, jwk) = public_jwk(pair.public_key().as_ref());
-            let key = StoredKey {
-                id: kid.clone(),
-                algorithm: "ES256".into(),
-                sealed_private: sealer.seal(&key_aad(&kid), pkcs8.as_ref()),
-                public_jwk: jwk,
-                created_at: now,
-            };
+        if ledger.signing_keys().await?.is_empty() {
+            let key = new_key(sealer, now)?;
             let mut event = AuditEvent::new("signing_key.created", now);
             event.actor = Some("system".into());
-            event.detail = Some(json!({ "kid": kid, "algorithm": "ES256" }));
+            event.detail = Some(json!({ "kid": key.id, "algorithm": "ES256" }));
             ledger.insert_signing_key(&key, event).await?;
-            stored = ledger.signing_keys().await?;
         }
-        // Newest first: it signs.
-        stored.sort_by_key(|k| std::cmp::Reverse(k.created_at));
-        let keys = stored
-            .iter()
-            .map(|k| {
-                let der = sealer
-                    .open(&key_aad(&k.id), &k.sealed_private)
-                    .map_err(|e| JwtKeyError::Unseal(k.id.clone(), e))?;
-                let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der)
-                    .map_err(|_| JwtKeyError::BadKey(k.id.clone()))?;
-                let public_point = pair.public_key().as_ref().to_vec();
-                Ok(SigningKey { kid: k.id.clone(), pair, public_point, public_jwk: k.public_jwk.clone() })
-            })
-            .collect::<Result<Vec<_>, JwtKeyError>>()?;
-        Ok(JwtBackend { issuer: issuer.to_owned(), keys: Arc::new(keys), rng: SystemRandom::new() })
+        let backend =
+            JwtBackend { issuer: issuer.to_owned(), keys: RwLock::new(Arc::new(Vec::new())), rng: SystemRandom::new() };
+        backend.refresh(ledger, sealer, now).await?;
+        Ok(backend)
     }
 
-    /// The JWK set served at `/.well-known/jwks.json`.
-    pub fn jwks(&self) -> Value {
-        json!({ "keys": self.keys.iter().map(|k| k.public_jwk.clone()).collect::<Vec<_>>() })
+    /// Re-reads the keys from the ledger (every replica does, every [`KEY_REFRESH`]): a key
+    /// another replica created is published here too, and signs here from its `signs_from`.
+    /// Keys no longer published are not even unsealed.
+    pub async fn refresh(&self, ledger: &dyn Ledger, sealer: &Sealer, now: DateTime<Utc>) -> Result<(), JwtKeyError> {
+        let mut stored = ledger.signing_keys().await?;
+        let times = schedule(&mut stored);
+        let mut keys = Vec::with_capacity(stored.len());
+        for (k, (signs_from, superseded_at)) in stored.iter().zip(times) {
+            if superseded_at.is_some_and(|at| now >= at + RETENTION) {
+                continue;
+            }
+            let der =
+                sealer.open(&key_aad(&k.id), &k.sealed_private).map_err(|e| JwtKeyError::Unseal(k.id.clone(), e))?;
+            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der)
+                .map_err(|_| JwtKeyError::BadKey(k.id.clone()))?;
+            let public_point = pair.public_key().as_ref().to_vec();
+            keys.push(SigningKey {
+                kid: k.id.clone(),
+                pair,
+                public_point,
+                public_jwk: k.public_jwk.clone(),
+                created_at: k.created_at,
+                signs_from,
+                superseded_at,
+            });
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        Ok(())
+    }
+
+    /// Creates a new signing key (admin rotation): published at once, signing from
+    /// [`ACTIVATION_DELAY`] later on every replica; the keys before it stay published until
+    /// [`RETENTION`] after that. Recorded by a `signing_key.rotated` event naming `actor`.
+    pub async fn rotate(
+        &self,
+        ledger: &dyn Ledger,
+        sealer: &Sealer,
+        now: DateTime<Utc>,
+        actor: &str,
+        request_id: Option<&str>,
+    ) -> Result<KeyView, JwtKeyError> {
+        // Keys are ordered by creation: a new key is strictly newer than every stored one, even
+        // when a clock step or a rotation in the same millisecond would say otherwise.
+        let newest = ledger.signing_keys().await?.into_iter().map(|k| k.created_at).max();
+        let created_at = newest.map_or(now, |n| now.max(n + chrono::Duration::milliseconds(1)));
+        let key = new_key(sealer, created_at)?;
+        let previous = self.signer(now).map(|k| k.kid.clone());
+        let mut event = AuditEvent::new("signing_key.rotated", now);
+        event.actor = Some(actor.to_owned());
+        event.request_id = request_id.map(str::to_owned);
+        event.detail = Some(json!({
+            "kid": key.id,
+            "algorithm": "ES256",
+            "previous_kid": previous,
+            "signs_from": crate::audit::format_time(created_at + ACTIVATION_DELAY),
+        }));
+        ledger.insert_signing_key(&key, event).await?;
+        self.refresh(ledger, sealer, now).await?;
+        self.views(now).into_iter().find(|v| v.kid == key.id).ok_or_else(|| JwtKeyError::BadKey(key.id.clone()))
+    }
+
+    /// Every key still published, and its phase at `now`, oldest first.
+    pub fn views(&self, now: DateTime<Utc>) -> Vec<KeyView> {
+        let keys = self.keys();
+        let signer = self.signer(now).map(|k| k.kid.clone());
+        let t = crate::audit::format_time;
+        keys.iter()
+            .map(|k| {
+                let state = if Some(&k.kid) == signer.as_ref() {
+                    KeyState::Signing
+                } else if k.signs_from > now {
+                    KeyState::Next
+                } else if k.published(now) {
+                    KeyState::Retiring
+                } else {
+                    KeyState::Retired
+                };
+                KeyView {
+                    kid: k.kid.clone(),
+                    algorithm: "ES256",
+                    state,
+                    created_at: t(k.created_at),
+                    signs_from: t(k.signs_from),
+                    superseded_at: k.superseded_at.map(t),
+                    published_until: k.superseded_at.map(|at| t(at + RETENTION)),
+                }
+            })
+            .collect()
+    }
+
+    fn keys(&self) -> Arc<Vec<SigningKey>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The key that signs at `now`: the newest one whose `signs_from` has come.
+    fn signer(&self, now: DateTime<Utc>) -> Option<SigningKeyRef> {
+        let keys = self.keys();
+        let i = keys.iter().rposition(|k| k.signs_from <= now).or(if keys.is_empty() { None } else { Some(0) })?;
+        Some(SigningKeyRef { keys, i })
+    }
+
+    /// The JWK set served at `/.well-known/jwks.json`: every key that signs, will sign, or
+    /// signed tokens that may not have expired yet.
+    pub fn jwks(&self, now: DateTime<Utc>) -> Value {
+        let keys = self.keys();
+        json!({ "keys": keys.iter().filter(|k| k.published(now)).map(|k| k.public_jwk.clone()).collect::<Vec<_>>() })
     }
 
     pub fn issuer(&self) -> &str {
         &self.issuer
     }
 
-    fn sign(&self, claims: &Value) -> String {
-        let key = &self.keys[0];
+    fn sign(&self, claims: &Value, now: DateTime<Utc>) -> Result<String, BackendError> {
+        let key = self.signer(now).ok_or_else(|| BackendError::Unavailable {
+            backend: BackendKind::Jwt,
+            message: "no signing key is loaded".into(),
+        })?;
         let header = json!({ "alg": "ES256", "typ": "JWT", "kid": key.kid });
         let mut out = String::with_capacity(512);
         out.push_str(&B64.encode(header.to_string()));
@@ -125,12 +296,12 @@ impl JwtBackend {
         let sig = key.pair.sign(&self.rng, out.as_bytes()).expect("ECDSA signing with a valid key cannot fail");
         out.push('.');
         out.push_str(&B64.encode(sig.as_ref()));
-        out
+        Ok(out)
     }
 
     /// Checks the signature and `iss` of a latchkey JWT and returns its claims. Lifetime and
     /// revocation are the caller's (introspection's) business.
-    pub fn verify(&self, token: &str) -> Option<Map<String, Value>> {
+    pub fn verify(&self, token: &str, now: DateTime<Utc>) -> Option<Map<String, Value>> {
         if token.len() > 16 * 1024 {
             return None;
         }
@@ -144,7 +315,8 @@ impl JwtBackend {
             return None;
         }
         let kid = header.get("kid")?.as_str()?;
-        let key = self.keys.iter().find(|k| k.kid == kid)?;
+        let keys = self.keys();
+        let key = keys.iter().find(|k| k.kid == kid && k.published(now))?;
         let sig = B64.decode(s).ok()?;
         let signed = &token[..h.len() + 1 + p.len()];
         signature::UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &key.public_point)
@@ -152,6 +324,19 @@ impl JwtBackend {
             .ok()?;
         let claims: Map<String, Value> = serde_json::from_slice(&B64.decode(p).ok()?).ok()?;
         (claims.get("iss")?.as_str()? == self.issuer).then_some(claims)
+    }
+}
+
+/// The signing key at one index of a key set, kept alive while in use.
+struct SigningKeyRef {
+    keys: Arc<Vec<SigningKey>>,
+    i: usize,
+}
+
+impl std::ops::Deref for SigningKeyRef {
+    type Target = SigningKey;
+    fn deref(&self) -> &SigningKey {
+        &self.keys[self.i]
     }
 }
 
@@ -202,7 +387,7 @@ impl Backend for JwtBackend {
         if let Value::Object(m) = registered {
             claims.extend(m);
         }
-        let token = self.sign(&Value::Object(claims));
+        let token = self.sign(&Value::Object(claims), req.now)?;
         let fp = fingerprint(token.as_bytes());
         let mut secret = Map::new();
         secret.insert("token".into(), Value::String(token.clone()));

@@ -2,6 +2,7 @@
 
 mod admin_key;
 mod audit;
+mod backup;
 mod client;
 mod dev;
 mod exchange;
@@ -13,6 +14,7 @@ mod policy;
 mod release;
 mod revoke;
 mod serve;
+mod signing_key;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,6 +60,10 @@ enum Command {
     Revoke(revoke::Args),
     /// Audit: list credentials, exchanges and events; sign and verify checkpoints; explain.
     Audit(audit::Args),
+    /// List the jwt signing keys, or rotate to a new one (role admin).
+    SigningKey(signing_key::Args),
+    /// Copy a SQLite store to a new file while the broker runs.
+    Backup(backup::Args),
 }
 
 impl Cli {
@@ -75,6 +81,8 @@ impl Cli {
             Command::Kills(a) => kills::run(a).await,
             Command::Revoke(a) => revoke::run(a).await,
             Command::Audit(a) => audit::run(a).await,
+            Command::SigningKey(a) => signing_key::run(a).await,
+            Command::Backup(a) => backup::run(a).await,
         }
     }
 }

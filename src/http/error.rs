@@ -97,6 +97,12 @@ impl ApiError {
         }
     }
 
+    /// The mapping of signing-key errors: always 503, the detail only in the logs.
+    pub fn from_signing_key(e: crate::backend::jwt::JwtKeyError, request_id: &str) -> Self {
+        tracing::error!(error = %e, "signing key rotation failed");
+        Self::unavailable("the signing key could not be rotated; nothing changed that is in use; retry", request_id)
+    }
+
     /// The mapping of exchange errors: 400 / 400 / 403 / 503.
     pub fn from_exchange(e: ExchangeError, request_id: &str) -> Self {
         let status = match e {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod ip_limit;
 mod kills;
 mod release;
+mod signing_keys;
 mod token;
 
 use std::time::Instant;
@@ -49,6 +50,8 @@ pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
         .route("/v1/kills/{id}", get(kills::show))
         .route("/v1/kills/{id}/lift", post(kills::lift))
         .route("/v1/credentials/{id}/revoke", post(kills::revoke))
+        .route("/v1/signing-keys", get(signing_keys::list))
+        .route("/v1/signing-keys/rotate", post(signing_keys::rotate))
         .with_state(app.clone());
     if app.config.server.admin_listen.is_none() {
         router = router.merge(ops_router(app.clone()));

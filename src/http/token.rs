@@ -250,7 +250,7 @@ pub(super) async fn introspect(State(app): State<AppState>, req: Request) -> Res
 
 async fn introspect_token(app: &AppState, token: &str) -> Value {
     let inactive = json!({ "active": false });
-    let Some(claims) = app.jwt.verify(token) else { return inactive };
+    let Some(claims) = app.jwt.verify(token, app.clock.now()) else { return inactive };
     let now = app.clock.now().timestamp();
     let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
     let nbf = claims.get("nbf").and_then(Value::as_i64).unwrap_or(0);
@@ -280,7 +280,10 @@ async fn introspect_token(app: &AppState, token: &str) -> Value {
 }
 
 pub(super) async fn jwks(State(app): State<AppState>) -> Response {
-    let mut r = Json(app.jwt.jwks()).into_response();
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    let mut r = Json(app.jwt.jwks(app.clock.now())).into_response();
+    let max_age = format!("public, max-age={}", crate::backend::jwt::JWKS_MAX_AGE_SECS);
+    if let Ok(v) = HeaderValue::from_str(&max_age) {
+        r.headers_mut().insert(header::CACHE_CONTROL, v);
+    }
     r
 }

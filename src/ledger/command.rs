@@ -10,7 +10,8 @@ use uuid::Uuid;
 use super::rows::{id, parse_time, ts, ts_opt};
 use super::{
     Abort, Activate, Activation, ActiveLimit, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState,
-    Handle, Job, JobOutcome, KillEffect, LedgerError, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Handle, Job, JobOutcome, KillEffect, LedgerError, NewJob, Reseal, ResealCount, RevokeRequest, StoredKey,
+    StoredKill,
 };
 use crate::audit::{AuditEvent, canonical_body};
 use crate::kill::{KillRule, KillSubject};
@@ -251,6 +252,12 @@ pub(in crate::ledger) enum Op {
     Prune {
         now: String,
     },
+    /// Compare-and-set re-seals; `key_id` and `now` make the `sealing.resealed` event.
+    Reseal {
+        reseals: Vec<Reseal>,
+        key_id: String,
+        now: DateTime<Utc>,
+    },
     RecordCheckpoint {
         checkpoint: Checkpoint,
         event: EventParams,
@@ -330,6 +337,21 @@ pub(in crate::ledger) enum Reply {
     Jobs(Vec<Job>),
     Count(u64),
     Wait(Option<std::time::Duration>),
+    Resealed(ResealCount),
+}
+
+/// The `sealing.resealed` event of a re-seal command that changed something: the same event in
+/// every store. Counts and the key id only: a blob, even sealed, never enters the audit trail.
+pub(in crate::ledger) fn resealed_event(now: DateTime<Utc>, key_id: &str, count: &ResealCount) -> EventParams {
+    let mut event = AuditEvent::new("sealing.resealed", now);
+    event.actor = Some("system".into());
+    event.detail = Some(serde_json::json!({
+        "key_id": key_id,
+        "credentials": count.credentials,
+        "signing_keys": count.signing_keys,
+        "skipped": count.skipped,
+    }));
+    EventParams::new(&event)
 }
 
 /// A command's answer and whether its changes stay.

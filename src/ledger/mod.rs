@@ -281,6 +281,71 @@ pub struct StoredKey {
     pub created_at: DateTime<Utc>,
 }
 
+/// Where a sealed blob is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SealedKind {
+    /// `credentials.handle`: a revocation handle (a GitHub token, a Vault accessor), whose
+    /// associated data is the credential id.
+    CredentialHandle,
+    /// `signing_keys.sealed_private`: a `jwt` signing key, whose associated data names its kid.
+    SigningKey,
+}
+
+/// A sealed blob as stored, for the re-seal pass. Without the sealing key it reveals nothing,
+/// but it is still never printed: `Debug` shows where it lives and which key sealed it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedBlob {
+    pub kind: SealedKind,
+    /// The credential id or the kid.
+    pub id: String,
+    pub blob: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedBlob")
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .field("key_id", &crate::seal::Sealer::key_id_of(&self.blob))
+            .finish()
+    }
+}
+
+/// One re-seal: the blob at `kind`/`id` becomes `new`, but only if it is still exactly `old`
+/// (compare-and-set): a replica that re-sealed it first, or a revocation that erased it, wins.
+#[derive(Clone)]
+pub struct Reseal {
+    pub kind: SealedKind,
+    pub id: String,
+    pub old: Vec<u8>,
+    pub new: Vec<u8>,
+}
+
+impl std::fmt::Debug for Reseal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reseal").field("kind", &self.kind).field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// What one [`Ledger::reseal`] call changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ResealCount {
+    /// Credential handles now under the current key.
+    pub credentials: u64,
+    /// Signing keys now under the current key.
+    pub signing_keys: u64,
+    /// Blobs that had changed since they were read (another replica re-sealed them, or the
+    /// credential ended and its handle was erased): left as they are.
+    pub skipped: u64,
+}
+
+impl ResealCount {
+    pub fn changed(&self) -> u64 {
+        self.credentials + self.signing_keys
+    }
+}
+
 /// Current kill rules and the epoch they belong to.
 #[derive(Debug, Clone, Default)]
 pub struct KillState {
@@ -599,6 +664,16 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         repository: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<LiveCount, LedgerError>;
+
+    /// Every sealed blob the store holds: the handles of credentials that still have one (a
+    /// handle is erased when its credential ends) and the `jwt` signing keys.
+    async fn sealed_blobs(&self) -> Result<Vec<SealedBlob>, LedgerError>;
+
+    /// Applies re-seals, each only if its blob is still exactly `old`, in one transaction; when
+    /// at least one blob changed, one `sealing.resealed` event (at `now`, naming the current key
+    /// id and the counts, never a blob) is written with them. Replicas running the same pass at
+    /// once do no harm: the second finds its blobs changed and skips them.
+    async fn reseal(&self, reseals: Vec<Reseal>, key_id: &str, now: DateTime<Utc>) -> Result<ResealCount, LedgerError>;
 
     /// Deletes spent `jti`s past their `keep_until`, and rate buckets that have refilled.
     async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError>;

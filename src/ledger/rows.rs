@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::{
     Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Job, JobKind, KillTarget, LedgerError,
-    LiveCredential, StoredKey, StoredKill,
+    LiveCredential, SealedBlob, SealedKind, StoredKey, StoredKill,
 };
 use crate::audit::StoredEvent;
 use crate::kill::{KillRule, KillSubject, Selector};
@@ -330,6 +330,21 @@ pub(crate) fn signing_key_from_row<R: RawRow + ?Sized>(row: &R) -> Result<Stored
         public_jwk: c.json(3, "public_jwk")?,
         created_at: c.time(4, "created_at")?,
     })
+}
+
+/// Every sealed blob, in both stores' dialects: the handles that credentials still hold and the
+/// signing keys, each with a literal naming where it lives.
+pub(crate) const SEALED_BLOBS: &str = "SELECT 'credential', id, handle FROM credentials WHERE handle IS NOT NULL \
+     UNION ALL SELECT 'signing_key', id, sealed_private FROM signing_keys ORDER BY 1, 2";
+
+pub(crate) fn sealed_blob_from_row<R: RawRow + ?Sized>(row: &R) -> Result<SealedBlob, LedgerError> {
+    let c = Cols::new(row, "sealed blobs");
+    let kind = match c.text(0, "kind")?.as_str() {
+        "credential" => SealedKind::CredentialHandle,
+        "signing_key" => SealedKind::SigningKey,
+        _ => return Err(corrupt("sealed blobs", "kind", "unknown")),
+    };
+    Ok(SealedBlob { kind, id: c.text(1, "id")?, blob: c.blob(2, "blob")? })
 }
 
 pub(crate) fn checkpoint_from_row<R: RawRow + ?Sized>(row: &R) -> Result<Checkpoint, LedgerError> {

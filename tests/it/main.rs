@@ -10,6 +10,7 @@ mod cli;
 mod exchange;
 mod github;
 mod hostile;
+mod keys;
 mod kill;
 mod kill_everywhere;
 mod lifecycle;

@@ -231,3 +231,47 @@ async fn a_rate_is_counted_across_replicas() {
     let wait = b.take_rate("identity", now, rate.interval(), rate.tolerance()).await.unwrap().unwrap();
     assert!((359.0..=360.0).contains(&wait.as_secs_f64()), "{wait:?}");
 }
+
+#[tokio::test]
+async fn a_read_only_store_fails_writes_closed_and_recovers() {
+    let Some(base) = peer_var("LATCHKEY_TEST_PG_URL", "PostgreSQL") else { return };
+    // A database of its own: read-only is set per database.
+    let name = format!("lk_ro_{}", Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let ledger = latchkey::ledger::open(&url, true, &Settings::default()).await.unwrap();
+    ledger.append_event(AuditEvent::new("admin.call", Utc::now())).await.unwrap();
+
+    let read_only = |on: bool| {
+        let name = name.clone();
+        let base = base.clone();
+        async move {
+            let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+            let set = if on { "on" } else { "off" };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE {name} SET default_transaction_read_only = {set}; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            )))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        }
+    };
+    read_only(true).await;
+    let (exchange, credential, activate) = intent("ro");
+    for _ in 0..2 {
+        let err = ledger.append_event(AuditEvent::new("admin.call", Utc::now())).await.unwrap_err();
+        assert!(matches!(&err, LedgerError::Unavailable(m) if m.contains("read-only")), "{err}");
+    }
+    let err = ledger.issue_local(&exchange, std::slice::from_ref(&credential), activate.clone()).await.unwrap_err();
+    assert!(matches!(err, LedgerError::Unavailable(_)), "an exchange fails closed: {err}");
+
+    read_only(false).await;
+    assert_eq!(ledger.issue_local(&exchange, &[credential], activate).await.unwrap(), Activation::Activated);
+    let events = ledger.events(0, 100).await.unwrap();
+    assert_eq!(events.len(), 2, "what was refused left nothing behind");
+    verify_chain(GENESIS_HASH, 1, &events).unwrap();
+    drop(ledger);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut admin).await.unwrap();
+}

@@ -37,7 +37,8 @@ use super::rows::{id, ts};
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
-    LedgerError, LiveCount, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    LedgerError, LiveCount, LiveCredential, NewJob, Reseal, ResealCount, RevokeRequest, SealedBlob, StoredKey,
+    StoredKill,
 };
 use crate::audit::{AuditEvent, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -457,6 +458,20 @@ impl Ledger for PgLedger {
 
     async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError> {
         self.write(Op::insert_signing_key(key, &event)).await.map(drop)
+    }
+
+    async fn sealed_blobs(&self) -> Result<Vec<SealedBlob>, LedgerError> {
+        read::sealed_blobs(&self.pool).await
+    }
+
+    async fn reseal(&self, reseals: Vec<Reseal>, key_id: &str, now: DateTime<Utc>) -> Result<ResealCount, LedgerError> {
+        if reseals.is_empty() {
+            return Ok(ResealCount::default());
+        }
+        match self.write(Op::Reseal { reseals, key_id: key_id.to_owned(), now }).await? {
+            Reply::Resealed(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError> {

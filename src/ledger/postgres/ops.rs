@@ -13,14 +13,14 @@ use super::read;
 use crate::audit::{AuditEvent, chain_hash};
 use crate::kill::{KillRule, KillSubject};
 use crate::ledger::command::{
-    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply,
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply, resealed_event,
 };
 use crate::ledger::rows::{
     self, id, job_columns, job_from_row, kill_rule_from_row, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
 };
 use crate::ledger::{
-    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest,
-    StoredKill,
+    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount,
+    RevokeRequest, SealedKind, StoredKill,
 };
 use crate::policy::limits::gcra;
 
@@ -220,7 +220,31 @@ impl Tx<'_> {
                     Err(wait) => Ok(Applied::keep(Reply::Wait(Some(wait)))),
                 }
             }
+            Op::Reseal { reseals, key_id, now } => self.reseal(&reseals, &key_id, now).await,
         }
+    }
+
+    /// Compare-and-set: a blob is replaced only while it is still the one the pass read, so
+    /// replicas running the pass at once each change a blob at most once between them.
+    async fn reseal(&mut self, reseals: &[Reseal], key_id: &str, now: DateTime<Utc>) -> Result<Applied, LedgerError> {
+        let mut count = ResealCount::default();
+        for r in reseals {
+            let sql = match r.kind {
+                SealedKind::CredentialHandle => "UPDATE credentials SET handle = $2 WHERE id = $1 AND handle = $3",
+                SealedKind::SigningKey => {
+                    "UPDATE signing_keys SET sealed_private = $2 WHERE id = $1 AND sealed_private = $3"
+                }
+            };
+            match (self.exec(sqlx::query(sql).bind(&r.id).bind(&r.new).bind(&r.old)).await?, r.kind) {
+                (0, _) => count.skipped += 1,
+                (_, SealedKind::CredentialHandle) => count.credentials += 1,
+                (_, SealedKind::SigningKey) => count.signing_keys += 1,
+            }
+        }
+        if count.changed() > 0 {
+            self.append(&resealed_event(now, key_id, &count)).await?;
+        }
+        Ok(Applied::keep(Reply::Resealed(count)))
     }
 
     async fn exec(

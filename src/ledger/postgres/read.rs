@@ -11,11 +11,11 @@ use crate::kill::{KillRule, Selector};
 use crate::ledger::rows::{
     self, LiveExchange, LiveRow, checkpoint_from_row, credential_columns, credential_from_row, event_from_row,
     exchange_columns, exchange_from_row, kill_rule_columns, kill_rule_from_row, kill_target_columns,
-    kill_target_from_row, signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
+    kill_target_from_row, sealed_blob_from_row, signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
 };
 use crate::ledger::{
     Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCount, LiveCredential, StateFilter, StoredKey, StoredKill,
+    KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, StateFilter, StoredKey, StoredKill,
 };
 
 fn decode_all<T>(rows: Vec<PgRow>, decode: impl Fn(&PgRow) -> Result<T, LedgerError>) -> Result<Vec<T>, LedgerError> {
@@ -218,6 +218,11 @@ pub(super) async fn signing_keys(pool: &PgPool) -> Result<Vec<StoredKey>, Ledger
     .await
     .map_err(db_err)?;
     decode_all(rows, signing_key_from_row)
+}
+
+pub(super) async fn sealed_blobs(pool: &PgPool) -> Result<Vec<SealedBlob>, LedgerError> {
+    let rows = sqlx::query(rows::SEALED_BLOBS).fetch_all(pool).await.map_err(db_err)?;
+    decode_all(rows, sealed_blob_from_row)
 }
 
 fn before(cursor: Option<(DateTime<Utc>, uuid::Uuid)>) -> (Option<String>, Option<String>) {

@@ -8,7 +8,8 @@ use super::super::rows::RawRow;
 pub(super) use super::super::rows::{
     Cols, checkpoint_from_row, credential_columns, credential_from_row, event_from_row, exchange_columns,
     exchange_from_row, hash_from_hex, id, job_columns, job_from_row, kill_rule_columns, kill_rule_from_row,
-    kill_target_columns, kill_target_from_row, signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
+    kill_target_columns, kill_target_from_row, sealed_blob_from_row, signing_key_from_row, stored_kill_columns,
+    stored_kill_from_row, ts,
 };
 
 /// Maps an SQLite error. Conditions an operator must fix (disk full, read-only file, I/O errors,

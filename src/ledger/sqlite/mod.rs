@@ -37,7 +37,8 @@ use super::command::{CredentialParams, EventParams, ExchangeParams, JobParams, O
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
-    LedgerError, LiveCount, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    LedgerError, LiveCount, LiveCredential, NewJob, Reseal, ResealCount, RevokeRequest, SealedBlob, StoredKey,
+    StoredKill,
 };
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -176,6 +177,69 @@ fn chain_head(conn: &Connection) -> Result<ChainHead, LedgerError> {
             hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt(format!("audit_events.hash of {seq}")))?,
         },
     })
+}
+
+/// What [`backup`] copied: the audit chain's head in the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupReport {
+    pub events: i64,
+    pub head_hash: String,
+}
+
+/// Copies the store at `path` into a new file `to` with SQLite's online backup API, safely
+/// beside a running broker: the source is opened read-only and without the broker's lock, and
+/// the copy is one read transaction, which in WAL mode never blocks the writer and sees one
+/// consistent state (every commit before it, none after). The copy is written beside `to`,
+/// flushed to disk, and only then renamed into place, so `to` is either absent or complete; an
+/// existing `to` is never overwritten.
+pub fn backup(path: &Path, to: &Path) -> Result<BackupReport, LedgerError> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| LedgerError::Unavailable(format!("{what}: {e}"));
+    if !path.exists() {
+        return Err(LedgerError::Unavailable(format!("{} does not exist", path.display())));
+    }
+    if to.exists() {
+        return Err(LedgerError::Conflict(format!("{} exists; a backup never overwrites a file", to.display())));
+    }
+    let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(db_err)?;
+    source.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    if schema::version(&source)? == 0 {
+        return Err(LedgerError::Schema(format!("{} has no latchkey schema", path.display())));
+    }
+    let dir = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let partial = tempfile::Builder::new()
+        .prefix(".latchkey-backup-")
+        .tempfile_in(dir)
+        .map_err(|e| unavailable(&format!("cannot write in {}", dir.display()), &e))?;
+    {
+        let mut copy = Connection::open(partial.path()).map_err(db_err)?;
+        let backup = rusqlite::backup::Backup::new(&source, &mut copy).map_err(db_err)?;
+        // All pages in one step: one read transaction, so the copy is one consistent state.
+        // Should the step be told to retry (the source busy or locked), it goes again whole.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match backup.step(-1).map_err(db_err)? {
+                rusqlite::backup::StepResult::Done => break,
+                _ if std::time::Instant::now() > deadline => {
+                    return Err(LedgerError::Unavailable("the store stayed busy for a minute; try again".into()));
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+        drop(backup);
+        let ok: String = copy.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(db_err)?;
+        if ok != "ok" {
+            return Err(LedgerError::Corrupt(format!("the copy fails SQLite's integrity check: {ok}")));
+        }
+        // One self-contained file: the copy's pages are in it, not in a WAL beside it.
+        let _: String = copy.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0)).map_err(db_err)?;
+    }
+    partial.as_file().sync_all().map_err(|e| unavailable("cannot flush the copy", &e))?;
+    let copy = Connection::open_with_flags(partial.path(), OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db_err)?;
+    let (events, head_hash) = read::audit_head(&copy)?;
+    drop(copy);
+    partial.persist_noclobber(to).map_err(|e| unavailable(&format!("cannot create {}", to.display()), &e.error))?;
+    Ok(BackupReport { events, head_hash })
 }
 
 /// A store file opened read-only, for offline verification of the audit chain.
@@ -488,6 +552,20 @@ impl Ledger for SqliteLedger {
 
     async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError> {
         self.write(Op::insert_signing_key(key, &event)).await.map(drop)
+    }
+
+    async fn sealed_blobs(&self) -> Result<Vec<SealedBlob>, LedgerError> {
+        self.readers.run(read::sealed_blobs).await
+    }
+
+    async fn reseal(&self, reseals: Vec<Reseal>, key_id: &str, now: DateTime<Utc>) -> Result<ResealCount, LedgerError> {
+        if reseals.is_empty() {
+            return Ok(ResealCount::default());
+        }
+        match self.write(Op::Reseal { reseals, key_id: key_id.to_owned(), now }).await? {
+            Reply::Resealed(count) => Ok(count),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError> {

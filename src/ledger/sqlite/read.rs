@@ -13,15 +13,15 @@ use tokio::sync::Semaphore;
 
 use super::codec::{
     Cols, checkpoint_from_row, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns,
-    exchange_from_row, kill_target_columns, kill_target_from_row, query_all, query_opt, signing_key_from_row,
-    stored_kill_columns, stored_kill_from_row, ts,
+    exchange_from_row, kill_target_columns, kill_target_from_row, query_all, query_opt, sealed_blob_from_row,
+    signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
 };
 use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
 use crate::kill::Selector;
 use crate::ledger::{
     Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCount, LiveCredential, StateFilter, StoredKey, StoredKill,
+    KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, StateFilter, StoredKey, StoredKill,
 };
 
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -212,6 +212,10 @@ pub(super) fn signing_keys(conn: &Connection) -> Result<Vec<StoredKey>, LedgerEr
         [],
         |r| signing_key_from_row(r),
     )
+}
+
+pub(super) fn sealed_blobs(conn: &Connection) -> Result<Vec<SealedBlob>, LedgerError> {
+    query_all(conn, crate::ledger::rows::SEALED_BLOBS, [], |r| sealed_blob_from_row(r))
 }
 
 pub(super) fn ping(conn: &Connection) -> Result<(), LedgerError> {

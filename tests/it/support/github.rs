@@ -174,6 +174,20 @@ impl GithubDouble {
         self.state.lock().unwrap().jwts.len()
     }
 
+    /// Makes the double accept app JWTs of `app_id` signed with the key whose public half is
+    /// `tests/fixtures/{public_key_file}` too (an app has up to two keys during a rotation);
+    /// with `only`, that key alone.
+    pub fn set_app_key(&self, app_id: u64, public_key_file: &str, only: bool) {
+        let pem = std::fs::read(repo_path(&format!("tests/fixtures/{public_key_file}"))).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(&pem).unwrap();
+        let mut s = self.state.lock().unwrap();
+        if only {
+            s.apps.retain(|(id, _)| *id != app_id);
+        }
+        // First: the double takes the first app whose key verifies the JWT.
+        s.apps.insert(0, (app_id, key));
+    }
+
     pub fn install(&self, installation: Installation) {
         let mut s = self.state.lock().unwrap();
         s.installations.retain(|i| i.id != installation.id);

@@ -155,6 +155,7 @@ pub struct Builder {
     clock: Option<Arc<ManualClock>>,
     audit_lines: String,
     checkpoint_key: bool,
+    sealing_from_config: bool,
 }
 
 impl Default for Builder {
@@ -170,6 +171,7 @@ impl Default for Builder {
             clock: None,
             audit_lines: String::new(),
             checkpoint_key: false,
+            sealing_from_config: false,
         }
     }
 }
@@ -229,6 +231,13 @@ impl Builder {
     pub fn checkpoint_key(mut self) -> Self {
         self.checkpoint_key = true;
         self.audit("checkpoint_key_file = \"checkpoint.key\"")
+    }
+
+    /// Seals with the key files of the config's `[sealing]` table (which the test writes, with
+    /// its keys), as `serve` does, instead of a fixed in-memory key; restarts read them again.
+    pub fn sealing_from_config(mut self) -> Self {
+        self.sealing_from_config = true;
+        self
     }
 
     /// Without the background loops: tests drive the workers themselves.
@@ -314,10 +323,15 @@ sha256 = "{security}"
             clock: clock.clone(),
             migrate: true,
             dev_issuer: None,
-            sealer: Some(Sealer::from_bytes(&[9; 32])),
+            sealer: test_sealer(self.sealing_from_config),
             backends: Vec::new(),
         };
-        let restart = Restart { backends: self.backends.clone(), background: self.background, tls: self.tls };
+        let restart = Restart {
+            backends: self.backends.clone(),
+            background: self.background,
+            tls: self.tls,
+            sealing_from_config: self.sealing_from_config,
+        };
         let options = Options { backends: self.backends, ..options };
         let app = server::build(config, options).await.unwrap();
         let running = server::start(app.clone(), None, self.background).await.unwrap();
@@ -338,6 +352,12 @@ struct Restart {
     backends: Vec<Arc<dyn Backend>>,
     background: bool,
     tls: bool,
+    sealing_from_config: bool,
+}
+
+/// The fixed test sealing key, or `None`: the key files the config names.
+fn test_sealer(from_config: bool) -> Option<Sealer> {
+    (!from_config).then(|| Sealer::from_bytes(&[9; 32]))
 }
 
 /// A running broker and what a test needs around it.
@@ -496,7 +516,7 @@ impl TestApp {
                 clock: clock.clone(),
                 migrate: false,
                 dev_issuer: None,
-                sealer: Some(Sealer::from_bytes(&[9; 32])),
+                sealer: test_sealer(restart.sealing_from_config),
                 backends: restart.backends.clone(),
             };
             match server::build(config.clone(), options).await {
