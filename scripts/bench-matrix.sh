@@ -58,17 +58,18 @@ done
 python3 - "$results" "${stores[@]}" <<'PY'
 import json, sys, pathlib
 results, stores = pathlib.Path(sys.argv[1]), sys.argv[2:]
-print("| store | connections | exchanges/s | p50 ms | p99 ms | p99.9 ms | failed | server CPU | client CPU |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| store | connections | exchanges/s | p50 ms | p99 ms | p99.9 ms | failed | server CPU | client CPU | other CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for store in stores:
     for n in (1, 32, 64):
         f = results / f"{store}-{n}.json"
         try:
             r = json.loads(f.read_text())
         except Exception:
-            print(f"| {store} | {n} | (no result) | | | | | | |")
+            print(f"| {store} | {n} | (no result) | | | | | | | |")
             continue
         lat = r["latency_ms"]
         print(f"| {store} | {n} | {r['throughput_per_s']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} "
-              f"| {lat['p99_9']:.2f} | {r['exchanges']['failed']} | {r['server']['cpu_cores']:.2f} | {r['loadgen']['cpu_cores']:.2f} |")
+              f"| {lat['p99_9']:.2f} | {r['exchanges']['failed']} | {r['server']['cpu_cores']:.2f} | {r['loadgen']['cpu_cores']:.2f} "
+              f"| {r['machine']['other_cpu_cores']:.2f} |")
 PY
