@@ -15,5 +15,6 @@ mod kill_everywhere;
 mod lifecycle;
 mod peer_exchange;
 mod peer_smoke;
+mod postgres_replicas;
 mod support;
 mod vault;
