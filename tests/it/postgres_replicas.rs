@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use sqlx::Connection;
 
 use crate::support::replicas::{Fleet, PgCluster, postgres_run};
 
@@ -510,4 +511,43 @@ async fn serve_refuses_an_unmigrated_schema() {
     fleet.migrate();
     let fleet = fleet.with_replicas(1).await;
     assert_eq!(fleet.exchange_pr(0).await.status, StatusCode::OK);
+}
+
+/// What the tests above rely on, checked without latchkey: the run's database takes a schema of
+/// a test's own and the URL's `options[search_path]` puts every connection in it; the store
+/// helpers read booleans, integers, text and `bytea` and dump every table; a cluster of a test's
+/// own starts, stops and restarts.
+#[tokio::test]
+async fn the_postgres_peer_behaves_as_the_tests_assume() {
+    use crate::support::store::{Store, contains, truthy};
+    let Some(pg) = postgres_run() else { return };
+    let store = Store::postgres_schema(&pg).await;
+    let Store::Postgres { url } = &store else { unreachable!() };
+    assert!(url.contains("options[search_path]=lk_"), "{url}");
+    store.execute("CREATE TABLE probe (id TEXT PRIMARY KEY, n BIGINT, ok BOOLEAN, blob BYTEA, at TEXT)").await;
+    let schema = store.scalar("SELECT current_schema()").await;
+    assert!(schema.as_str().unwrap().starts_with("lk_"), "the URL's search_path is not applied: {schema}");
+    let inserted = store
+        .execute("INSERT INTO probe VALUES ('a', 7, TRUE, '\\x736563726574'::bytea, NULL), ('b', 8, FALSE, NULL, 'x')")
+        .await;
+    assert_eq!(inserted, 2);
+    let rows = store.query("SELECT id, n, ok, blob, at FROM probe ORDER BY id").await;
+    assert_eq!(rows[0], [json!("a"), json!(7), json!(true), json!("736563726574"), Value::Null]);
+    assert!(!truthy(&rows[1][2]));
+    assert_eq!(store.count("SELECT count(*) FROM probe WHERE ok").await, 1);
+    let dump = store.dump().await;
+    assert!(contains(&dump, b"secret"), "bytea is dumped as raw bytes");
+    assert!(contains(&dump, b"736563726574"), "and as hex");
+
+    let Some(cluster) = PgCluster::start() else { return };
+    let own = Store::postgres_schema(&cluster.url()).await;
+    own.execute("CREATE TABLE t (n BIGINT)").await;
+    own.execute("INSERT INTO t VALUES (1)").await;
+    cluster.restart();
+    assert_eq!(own.count("SELECT count(*) FROM t").await, 1, "a committed row survives the restart");
+    cluster.stop();
+    let refused = sqlx::PgConnection::connect(&cluster.url()).await;
+    assert!(refused.is_err(), "the stopped cluster still answers");
+    cluster.start_server();
+    assert_eq!(own.count("SELECT n FROM t").await, 1);
 }
