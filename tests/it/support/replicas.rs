@@ -197,7 +197,8 @@ impl Fleet {
         None
     }
 
-    /// Replica `i`'s `/readyz`: its status and body (a 599 if it did not answer at all).
+    /// Replica `i`'s `/readyz`: its status and body; a 599 and the error when it did not answer
+    /// within 5 s.
     pub async fn readyz(&self, i: usize) -> (StatusCode, Value) {
         let url = format!("{}/readyz", self.replicas[i].url);
         match self.client.get(url).timeout(Duration::from_secs(5)).send().await {
@@ -205,7 +206,7 @@ impl Fleet {
                 let a = answer(r).await;
                 (a.status, a.body)
             }
-            Err(_) => (StatusCode::from_u16(599).unwrap(), Value::Null),
+            Err(e) => (StatusCode::from_u16(599).unwrap(), json!({ "no answer": e.to_string() })),
         }
     }
 
@@ -216,6 +217,13 @@ impl Fleet {
 
     /// `POST /v1/token` on replica `i`.
     pub async fn exchange(&self, i: usize, token: &str, capability: &str) -> Answer {
+        self.try_exchange(i, token, capability)
+            .await
+            .unwrap_or_else(|e| panic!("replica {} did not answer an exchange: {e}", self.replicas[i].name))
+    }
+
+    /// `POST /v1/token` on replica `i`, or why no answer came (within the client's 30 s).
+    pub async fn try_exchange(&self, i: usize, token: &str, capability: &str) -> Result<Answer, String> {
         let form = [
             ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
             ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
@@ -223,7 +231,7 @@ impl Fleet {
             ("scope", capability),
         ];
         let r = self.client.post(format!("{}/v1/token", self.replicas[i].url)).form(&form).send().await;
-        answer(r.unwrap_or_else(|e| panic!("replica {} did not answer an exchange: {e}", self.replicas[i].name))).await
+        Ok(answer(r.map_err(|e| e.to_string())?).await)
     }
 
     /// An exchange for `pr-review` with a fresh token on replica `i`.
