@@ -121,6 +121,19 @@ impl<T> Swap<T> {
 pub struct KillSnapshot {
     pub state: KillState,
     pub loaded_at: DateTime<Utc>,
+    /// When the rules were read, on the monotonic clock: how fresh they are is an operational
+    /// fact about this process, not a time in the domain.
+    pub refreshed: std::time::Instant,
+}
+
+impl KillSnapshot {
+    pub fn new(state: KillState, loaded_at: DateTime<Utc>) -> Self {
+        KillSnapshot { state, loaded_at, refreshed: std::time::Instant::now() }
+    }
+
+    pub fn age(&self) -> std::time::Duration {
+        self.refreshed.elapsed()
+    }
 }
 
 /// The configured admin keys. Keys are compared by their SHA-256 in constant time.

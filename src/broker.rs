@@ -4,12 +4,14 @@
 //! verification to the answer is here, so the order of the security checks can be read in one
 //! place. Every way out of [`exchange`] leaves a ledger row and an audit event behind.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::app::App;
+use crate::app::{App, KillSnapshot};
 use crate::audit::{AuditEvent, format_time};
 use crate::backend::{BackendError, MintRequest, Minted, SecretFields};
 use crate::kill::KillSubject;
@@ -136,7 +138,8 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
 
     // Step 3: kill rules, checked in memory. They name agents, so this follows the policy
     // lookup that assigns the agent; either way a killed identity is refused before any mint.
-    let kills = app.kills.get();
+    // Rules that cannot be confirmed fresh fail the exchange closed.
+    let kills = fresh_kills(app).await?;
     let subject = kill_subject(&claims, &agent, &req.capability);
     if let Some(rule) = kills.state.rules.iter().find(|r| r.in_force(now) && r.selector.matches(&subject)) {
         let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
@@ -369,6 +372,28 @@ fn failed(grant: &str, e: &BackendError) -> (ExchangeError, String) {
     };
     (err, format!("grant {grant}: {e}"))
 }
+
+/// The kill rules to judge an exchange by. With a store other replicas share, a kill made on
+/// another replica reaches this one through the store: rules read longer ago than
+/// [`crate::server::KILL_FRESHNESS`] are read again now, and when that fails the exchange is
+/// refused as unavailable rather than judged by rules that may miss a kill. (With SQLite every
+/// kill is made in this process, which refreshes its rules before answering it.)
+async fn fresh_kills(app: &App) -> Result<Arc<KillSnapshot>, ExchangeError> {
+    let kills = app.kills.get();
+    if app.ledger.kill_changes().is_none() || kills.age() <= crate::server::KILL_FRESHNESS {
+        return Ok(kills);
+    }
+    let error = match tokio::time::timeout(KILL_REFRESH_TIMEOUT, crate::worker::refresh_kills(app)).await {
+        Ok(Ok(())) => return Ok(app.kills.get()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {KILL_REFRESH_TIMEOUT:?}"),
+    };
+    tracing::error!(error, age_ms = kills.age().as_millis() as u64, "exchange.kill_rules_stale");
+    Err(ExchangeError::Unavailable("kill rules cannot be confirmed fresh; nothing was issued".into()))
+}
+
+/// How long an exchange waits to re-read stale kill rules before it fails closed.
+const KILL_REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn unavailable(e: &crate::ledger::LedgerError) -> ExchangeError {
     tracing::error!(error = %e, "ledger unavailable");

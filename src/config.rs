@@ -84,12 +84,52 @@ fn default_header_read_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// `sqlite://PATH` (one node) or `postgres://…` (several replicas). A PostgreSQL URL can
+    /// hold a password: prefer `LATCHKEY_STORE_URL` from a secret to writing it here.
     pub url: String,
+    /// PostgreSQL: connections in each replica's pool, beside its writer's own connection.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// PostgreSQL: a statement running longer is cancelled (the exchange answers 503), and so
+    /// is a transaction left idle that long.
+    #[serde(default = "default_statement_timeout", with = "humantime_serde_compat")]
+    pub statement_timeout: Duration,
+    /// PostgreSQL: how long to wait for a connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+}
+
+fn default_max_connections() -> u32 {
+    10
+}
+
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: "sqlite://latchkey.db".into() }
+        Self {
+            url: "sqlite://latchkey.db".into(),
+            max_connections: default_max_connections(),
+            statement_timeout: default_statement_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// What the PostgreSQL store takes from this table.
+    pub fn postgres(&self) -> crate::ledger::postgres::Settings {
+        crate::ledger::postgres::Settings {
+            max_connections: self.max_connections,
+            statement_timeout: self.statement_timeout,
+            connect_timeout: self.connect_timeout,
+        }
     }
 }
 

@@ -20,8 +20,11 @@ use crate::oidc::{StaticKeySource, Verifier};
 use crate::policy::{BackendKind, IssuerInfo, LoadContext, PolicySet, VaultPolicyLimits};
 use crate::seal::Sealer;
 
-/// Kill rules older than this make `/readyz` unready.
-pub const KILL_FRESHNESS: Duration = Duration::from_secs(2);
+/// Kill rules older than this make `/readyz` unready. With a store other replicas share, the
+/// rules held in memory must also be this fresh for an exchange to go on (DESIGN: a kill reaches
+/// every replica within one second); the refresher re-reads them every 250 ms and at once when
+/// another replica announces a change.
+pub const KILL_FRESHNESS: Duration = Duration::from_secs(1);
 
 /// What the policy loader needs from the configuration. Vault's token role is not read here
 /// (`policy check` works offline): see [`app_policy_context`].
@@ -127,7 +130,9 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         .transpose()
         .context("configuring [admin_oidc]")?;
     let store_url = resolve_store_url(&config);
-    let ledger = crate::ledger::open(&store_url, options.migrate).await.context("opening the store")?;
+    let ledger = crate::ledger::open(&store_url, options.migrate, &config.store.postgres())
+        .await
+        .context("opening the store")?;
     let mut verifier =
         Verifier::new(&config.issuers, &config.server.audience, config.limits.outbound_timeout, clock.clone())
             .context("configuring issuers")?;
@@ -181,7 +186,7 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         ledger,
         verifier,
         policies: Swap::new(policies),
-        kills: Swap::new(KillSnapshot { state: kill_state, loaded_at: now }),
+        kills: Swap::new(KillSnapshot::new(kill_state, now)),
         backends,
         vault_policies,
         jwt,

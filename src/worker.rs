@@ -24,6 +24,8 @@ use crate::policy::PolicySet;
 const MAX_ATTEMPTS: u32 = 20;
 /// How long a claimed job stays hidden from other workers.
 const JOB_LEASE: Duration = Duration::from_secs(120);
+/// How often the kill rules are re-read when nothing announced a change.
+const KILL_POLL: Duration = Duration::from_millis(250);
 /// Pending rows older than this were left by a crash, not by an exchange in flight.
 const RECONCILE_AFTER: Duration = Duration::from_secs(120);
 
@@ -34,9 +36,20 @@ pub fn spawn_all(app: &AppState) {
     }
     let a = app.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // Polling is the fallback; a store other replicas share also wakes this loop when one
+        // of them changes the rules (or when it may have missed such a change).
+        let changes = a.ledger.kill_changes();
+        let mut tick = tokio::time::interval(KILL_POLL);
         loop {
-            tick.tick().await;
+            match &changes {
+                Some(changed) => tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = changed.notified() => {}
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             if let Err(e) = refresh_kills(&a).await {
                 tracing::warn!(error = %e, "could not refresh kill rules");
             }
@@ -127,7 +140,7 @@ pub async fn refresh_kills(app: &App) -> Result<(), LedgerError> {
         record_lapses(app).await?;
     }
     let state = app.ledger.kill_state(now).await?;
-    app.kills.set(KillSnapshot { state, loaded_at: now });
+    app.kills.set(KillSnapshot::new(state, now));
     Ok(())
 }
 

@@ -525,7 +525,7 @@ async fn verify_local(
             extra_checkpoints.extend(checkpoint::checkpoint_from_json(&v));
         }
     }
-    let source = crate::ledger::open_audit_source(&store)?;
+    let source = crate::ledger::open_audit_source(&store).await?;
     Ok(checkpoint::verify(&*source, VerifyRequest { from, to, keys, extra_checkpoints }).await?)
 }
 

@@ -17,7 +17,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(p) => format!("sqlite://{}", config.resolve(std::path::Path::new(p)).display()),
         None => config.store.url.clone(),
     };
-    crate::ledger::open(&url, true).await.context("migrating the store")?;
+    crate::ledger::open(&url, true, &config.store.postgres()).await.context("migrating the store")?;
     println!("store is up to date");
     Ok(ExitCode::SUCCESS)
 }

@@ -101,11 +101,10 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
 /// Ready when the store answers, the policies are loaded and the kill rules are fresh. Issuer
 /// key health is reported, but one issuer's outage does not make every replica unready.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let now = app.clock.now();
     let store = app.ledger.ping().await;
     let kills = app.kills.get();
-    let kill_age_ms = (now - kills.loaded_at).num_milliseconds();
-    let kills_fresh = kill_age_ms <= crate::server::KILL_FRESHNESS.as_millis() as i64;
+    let kill_age_ms = i64::try_from(kills.age().as_millis()).unwrap_or(i64::MAX);
+    let kills_fresh = kills.age() <= crate::server::KILL_FRESHNESS;
     let policies = app.policies.get().policies.len();
     let ready = store.is_ok() && kills_fresh;
     let issuers: Vec<_> = app

@@ -4,6 +4,9 @@
 //! Every method that changes state also takes the audit event(s) that record the change and
 //! writes them in the same transaction, so the audit chain can never disagree with the data.
 
+mod command;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -559,6 +562,14 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
 
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
+
+    /// For a store that other processes share (PostgreSQL): woken whenever the kill rules may
+    /// have changed elsewhere, so that this replica re-reads them at once. `None` when this
+    /// process is the store's only writer (SQLite): then every change is made here, and the
+    /// code that makes it refreshes the rules itself.
+    fn kill_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// What verifying the audit chain reads: the events in order and the stored checkpoints. Every
@@ -582,21 +593,35 @@ impl<L: Ledger + ?Sized> AuditSource for L {
 
 /// Opens the ledger named by a store URL. `migrate` applies pending migrations first (`dev`,
 /// `migrate`); otherwise an unmigrated or newer schema is an error.
-pub async fn open(url: &str, migrate: bool) -> Result<Arc<dyn Ledger>, LedgerError> {
+pub async fn open(url: &str, migrate: bool, settings: &postgres::Settings) -> Result<Arc<dyn Ledger>, LedgerError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         sqlite::open(std::path::Path::new(path), migrate).await
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Err(LedgerError::Schema("the PostgreSQL store is not available in this build".into()))
+    } else if is_postgres(url) {
+        postgres::open(url, migrate, settings).await
     } else {
-        Err(LedgerError::Schema(format!("unsupported store URL {url:?}: use sqlite://PATH")))
+        Err(unsupported(url))
     }
 }
 
-/// Opens a store read-only for `latchkey audit verify --store`: it takes no lock and writes
-/// nothing, so it works on a copy of the file or beside a running server.
-pub fn open_audit_source(url: &str) -> Result<Box<dyn AuditSource>, LedgerError> {
-    match url.strip_prefix("sqlite://") {
-        Some(path) => Ok(Box::new(sqlite::AuditFile::open(std::path::Path::new(path))?)),
-        None => Err(LedgerError::Schema(format!("unsupported store URL {url:?}: use sqlite://PATH"))),
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+fn unsupported(url: &str) -> LedgerError {
+    // Only the scheme is shown: the rest of a URL can hold a password.
+    let scheme = url.split_once("://").map_or("(none)", |(s, _)| s);
+    LedgerError::Schema(format!("unsupported store URL scheme {scheme:?}: use sqlite://PATH or postgres://…"))
+}
+
+/// Opens a store to verify its audit chain (`latchkey audit verify --store`). A SQLite file is
+/// opened read-only, without its lock, so this works on a copy or beside a running server; a
+/// PostgreSQL store is read through an ordinary connection and never migrated.
+pub async fn open_audit_source(url: &str) -> Result<Box<dyn AuditSource>, LedgerError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Box::new(sqlite::AuditFile::open(std::path::Path::new(path))?))
+    } else if is_postgres(url) {
+        Ok(Box::new(postgres::AuditDatabase::open(url).await?))
+    } else {
+        Err(unsupported(url))
     }
 }

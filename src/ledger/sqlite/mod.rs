@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::codec::{Cols, db_err, hash_from_hex, id, query_opt, ts};
-use self::ops::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Reply};
 use self::read::{BUSY_TIMEOUT, ReadPool};
 use self::writer::{ChainHead, Command, Writer};
+use super::command::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Reply};
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,

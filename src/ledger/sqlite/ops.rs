@@ -1,8 +1,6 @@
-//! The write commands and what each does inside the writer's transaction.
+//! What each write command ([`Op`]) does inside the SQLite writer's transaction.
 //!
-//! A command's parameters are converted to column values on the caller's task ([`Op`] holds
-//! owned text ready to bind, audit bodies already canonicalized), so that the single writer
-//! thread only binds, executes and hashes. Each command runs inside its own savepoint; it answers
+//! Each command runs inside its own savepoint; it answers
 //! [`Applied::keep`] when its changes must stay and [`Applied::undo`] when the answer itself
 //! means "nothing changed" (a killed or replayed activation), and the writer rolls the savepoint
 //! back in that case and on any error.
@@ -12,339 +10,19 @@ use rusqlite::{Connection, params};
 use uuid::Uuid;
 
 use super::codec::{
-    self, credential_columns, exchange_columns, exec, id, job_columns, job_from_row, kill_rule_columns,
-    kill_rule_from_row, query_all, query_opt, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
+    self, credential_columns, exchange_columns, exec, job_columns, job_from_row, kill_rule_columns, kill_rule_from_row,
+    query_all, query_opt, stored_kill_columns, stored_kill_from_row,
 };
 use super::writer::ChainHead;
-use crate::audit::{AuditEvent, canonical_body, chain_hash};
-use crate::kill::{KillRule, KillSubject, Selector};
-use crate::ledger::{
-    Abort, Activate, Activation, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job,
-    JobKind, JobOutcome, KillEffect, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+use crate::audit::{AuditEvent, chain_hash};
+use crate::kill::{KillRule, KillSubject};
+use crate::ledger::command::{
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply,
 };
-
-/// An exchange row as column values.
-pub(super) struct ExchangeParams {
-    state: ExchangeState,
-    id: String,
-    request_id: String,
-    created_at: String,
-    error: Option<String>,
-    reason: Option<String>,
-    issuer: Option<String>,
-    subject: Option<String>,
-    repository: Option<String>,
-    workflow: Option<String>,
-    capability: Option<String>,
-    agent: Option<String>,
-    claims: String,
-    trace: String,
-    policy_sha256: Option<String>,
-    release_token_sha256: Option<String>,
-    expires_at: Option<String>,
-}
-
-impl ExchangeParams {
-    pub(super) fn new(e: &ExchangeRow) -> Self {
-        ExchangeParams {
-            state: e.state,
-            id: id(e.id),
-            request_id: e.request_id.clone(),
-            created_at: ts(e.created_at),
-            error: e.error.clone(),
-            reason: e.reason.clone(),
-            issuer: e.issuer.clone(),
-            subject: e.subject.clone(),
-            repository: e.repository.clone(),
-            workflow: e.workflow.clone(),
-            capability: e.capability.clone(),
-            agent: e.agent.clone(),
-            claims: e.claims.to_string(),
-            trace: e.trace.to_string(),
-            policy_sha256: e.policy_sha256.clone(),
-            release_token_sha256: e.release_token_sha256.clone(),
-            expires_at: ts_opt(e.expires_at),
-        }
-    }
-}
-
-/// A credential row as column values.
-pub(super) struct CredentialParams {
-    state: CredentialState,
-    id: String,
-    exchange_id: String,
-    name: String,
-    backend: &'static str,
-    agent: String,
-    capability: String,
-    issuer: String,
-    subject: String,
-    repository: Option<String>,
-    workflow: Option<String>,
-    created_at: String,
-    expires_at: String,
-    fingerprint: Option<String>,
-    handle: Option<Vec<u8>>,
-    revoke_requested: bool,
-    revoked_at: Option<String>,
-}
-
-impl CredentialParams {
-    pub(super) fn new(c: &CredentialRow) -> Self {
-        CredentialParams {
-            state: c.state,
-            id: id(c.id),
-            exchange_id: id(c.exchange_id),
-            name: c.name.clone(),
-            backend: c.backend.as_str(),
-            agent: c.agent.clone(),
-            capability: c.capability.clone(),
-            issuer: c.issuer.clone(),
-            subject: c.subject.clone(),
-            repository: c.repository.clone(),
-            workflow: c.workflow.clone(),
-            created_at: ts(c.created_at),
-            expires_at: ts(c.expires_at),
-            fingerprint: c.fingerprint.clone(),
-            handle: c.handle.clone(),
-            revoke_requested: c.revoke_requested,
-            revoked_at: ts_opt(c.revoked_at),
-        }
-    }
-}
-
-/// A job as column values.
-pub(super) struct JobParams {
-    id: String,
-    kind: &'static str,
-    credential_id: String,
-    kill_id: Option<String>,
-    run_at: String,
-}
-
-impl JobParams {
-    pub(super) fn new(j: &NewJob) -> Self {
-        JobParams {
-            id: id(j.id),
-            kind: j.kind.as_str(),
-            credential_id: id(j.credential_id),
-            kill_id: j.kill_id.map(id),
-            run_at: ts(j.run_at),
-        }
-    }
-}
-
-/// An audit event, canonicalized, with its time as a column value (for `revoked_at`, `done_at`).
-pub(super) struct EventParams {
-    body: String,
-    at: Result<String, String>,
-}
-
-impl EventParams {
-    pub(super) fn new(e: &AuditEvent) -> Self {
-        // The event's time is when the change it records happened; it is also the time stored on
-        // the row (revoked_at, done_at), so that the audit trail and the rows agree.
-        let at = codec::parse_time(&e.time).map(ts).ok_or_else(|| format!("event time {:?} is not RFC 3339", e.time));
-        EventParams { body: canonical_body(e), at }
-    }
-
-    fn at(&self) -> Result<&str, LedgerError> {
-        self.at.as_deref().map_err(|m| LedgerError::Conflict(m.to_owned()))
-    }
-}
-
-pub(super) enum FinishParams {
-    Done { state: CredentialState, event: EventParams },
-    Retry { run_at: String, error: String },
-    Failed { error: String, event: EventParams },
-}
-
-/// One write command.
-pub(super) enum Op {
-    Refusal {
-        exchange: ExchangeParams,
-        event: EventParams,
-    },
-    Intent {
-        exchange: ExchangeParams,
-        credentials: Vec<CredentialParams>,
-        event: EventParams,
-    },
-    /// Intent and activation in one command; `activate` is an [`Op::Activate`].
-    IssueLocal {
-        exchange: ExchangeParams,
-        credentials: Vec<CredentialParams>,
-        activate: Box<Op>,
-    },
-    Handle {
-        credential_id: String,
-        sealed: Option<Vec<u8>>,
-        fingerprint: String,
-        expires_at: String,
-    },
-    Activate {
-        exchange_id: String,
-        now: DateTime<Utc>,
-        seen_kill_epoch: i64,
-        subject: KillSubject,
-        jti: Option<(String, String, String, String)>,
-        jobs: Vec<JobParams>,
-        event: EventParams,
-    },
-    Abort {
-        exchange_id: String,
-        state: ExchangeState,
-        error: String,
-        reason: String,
-        unrevoked: Vec<String>,
-        event: EventParams,
-    },
-    Transition {
-        id: String,
-        from: Vec<CredentialState>,
-        to: CredentialState,
-        event: EventParams,
-    },
-    CreateKill {
-        rule: Box<KillRule>,
-        selector: String,
-        event: EventParams,
-    },
-    RecordLapses {
-        now: DateTime<Utc>,
-        actor: String,
-    },
-    LiftKill {
-        id: String,
-        now: String,
-        by: String,
-        reason: String,
-        event: EventParams,
-    },
-    RequestRevoke {
-        job: JobParams,
-        event: EventParams,
-    },
-    Release {
-        revokes: Vec<(JobParams, EventParams)>,
-        event: EventParams,
-    },
-    EnqueueJobs(Vec<JobParams>),
-    ClaimJobs {
-        now: String,
-        limit: i64,
-        lease_until: String,
-    },
-    FinishJob {
-        job_id: String,
-        outcome: FinishParams,
-    },
-    AppendEvent(EventParams),
-    InsertSigningKey {
-        id: String,
-        algorithm: String,
-        sealed_private: Vec<u8>,
-        public_jwk: String,
-        created_at: String,
-        event: EventParams,
-    },
-    Prune {
-        now: String,
-    },
-    RecordCheckpoint {
-        checkpoint: Checkpoint,
-        event: EventParams,
-    },
-    SetStreamPosition {
-        name: String,
-        seq: i64,
-    },
-}
-
-impl Op {
-    pub(super) fn handle(credential_id: Uuid, h: &Handle) -> Op {
-        Op::Handle {
-            credential_id: id(credential_id),
-            sealed: h.sealed.clone(),
-            fingerprint: h.fingerprint.clone(),
-            expires_at: ts(h.expires_at),
-        }
-    }
-
-    pub(super) fn activate(a: Activate) -> Op {
-        Op::Activate {
-            exchange_id: id(a.exchange_id),
-            now: a.now,
-            seen_kill_epoch: a.seen_kill_epoch,
-            subject: a.subject,
-            jti: a.jti.map(|j| (j.issuer, j.jti, j.capability, ts(j.keep_until))),
-            jobs: a.jobs.iter().map(JobParams::new).collect(),
-            event: EventParams::new(&a.event),
-        }
-    }
-
-    pub(super) fn abort(a: Abort) -> Op {
-        Op::Abort {
-            exchange_id: id(a.exchange_id),
-            state: a.state,
-            error: a.error,
-            reason: a.reason,
-            unrevoked: a.unrevoked.into_iter().map(id).collect(),
-            event: EventParams::new(&a.event),
-        }
-    }
-
-    pub(super) fn finish_job(job: &Job, outcome: JobOutcome) -> Op {
-        let outcome = match outcome {
-            JobOutcome::Done { state, event } => FinishParams::Done { state, event: EventParams::new(&event) },
-            JobOutcome::Retry { run_at, error } => FinishParams::Retry { run_at: ts(run_at), error },
-            JobOutcome::Failed { error, event } => FinishParams::Failed { error, event: EventParams::new(&event) },
-        };
-        Op::FinishJob { job_id: id(job.id), outcome }
-    }
-
-    pub(super) fn insert_signing_key(key: &StoredKey, event: &AuditEvent) -> Op {
-        Op::InsertSigningKey {
-            id: key.id.clone(),
-            algorithm: key.algorithm.clone(),
-            sealed_private: key.sealed_private.clone(),
-            public_jwk: key.public_jwk.to_string(),
-            created_at: ts(key.created_at),
-            event: EventParams::new(event),
-        }
-    }
-}
-
-/// What a command answers.
-#[derive(Debug)]
-pub(super) enum Reply {
-    Done,
-    Moved(bool),
-    Activation(Activation),
-    KillEffect(KillEffect),
-    KillIds(Vec<Uuid>),
-    Kill(Box<StoredKill>),
-    Revoke(RevokeRequest),
-    Revokes(Vec<RevokeRequest>),
-    Jobs(Vec<Job>),
-    Count(u64),
-}
-
-/// A command's answer and whether its changes stay.
-pub(super) struct Applied {
-    pub(super) reply: Reply,
-    pub(super) keep: bool,
-}
-
-impl Applied {
-    fn keep(reply: Reply) -> Self {
-        Applied { reply, keep: true }
-    }
-
-    fn undo(reply: Reply) -> Self {
-        Applied { reply, keep: false }
-    }
-}
+use crate::ledger::rows::{self, LiveExchange, LiveRow, id, ts, ts_opt};
+use crate::ledger::{
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest, StoredKill,
+};
 
 const INSERT_EXCHANGE: &str = concat!(
     "INSERT INTO exchanges (",
@@ -772,7 +450,7 @@ impl Tx<'_> {
                  AND lapse_recorded = FALSE ORDER BY created_at, id"
             ),
             [ts(now)],
-            kill_rule_from_row,
+            |r| kill_rule_from_row(r),
         )?;
         let mut lapsed = Vec::new();
         for rule in rules {
@@ -811,7 +489,7 @@ impl Tx<'_> {
             let who = stored.lifted_by.as_deref().unwrap_or("unknown");
             return Err(LedgerError::Conflict(format!("the rule was already lifted at {} by {who}", ts(at))));
         }
-        let now_time = codec::parse_time(now).ok_or_else(|| LedgerError::Conflict(format!("bad time {now:?}")))?;
+        let now_time = rows::parse_time(now).ok_or_else(|| LedgerError::Conflict(format!("bad time {now:?}")))?;
         if let Some(at) = stored.rule.expires_at.filter(|e| *e <= now_time) {
             return Err(LedgerError::Conflict(format!("the rule already lapsed at {}; nothing to lift", ts(at))));
         }
@@ -831,7 +509,7 @@ impl Tx<'_> {
             self.conn,
             concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = ?1"),
             [rule_id],
-            stored_kill_from_row,
+            |r| stored_kill_from_row(r),
         )
     }
 
@@ -927,7 +605,7 @@ impl Tx<'_> {
                  AND (leased_until IS NULL OR leased_until <= ?1) ORDER BY run_at, id LIMIT ?2"
             ),
             params![now, limit],
-            job_from_row,
+            |r| job_from_row(r),
         )?;
         for job in &jobs {
             exec(self.conn, "UPDATE jobs SET leased_until = ?2 WHERE id = ?1", params![id(job.id), lease_until])?;
@@ -1009,7 +687,7 @@ impl Tx<'_> {
     fn credential_state(&self, id: &str) -> Result<Option<CredentialState>, LedgerError> {
         query_opt(self.conn, "SELECT state FROM credentials WHERE id = ?1", [id], |r| {
             let s = codec::Cols::new(r, "credentials").text(0, "state")?;
-            codec::credential_state(&s).ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))
+            rows::credential_state(&s).ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))
         })
     }
 
@@ -1044,7 +722,7 @@ pub(super) fn rules_in_force(conn: &Connection, now: DateTime<Utc>) -> Result<Ve
              ORDER BY created_at, id"
         ),
         [ts(now)],
-        kill_rule_from_row,
+        |r| kill_rule_from_row(r),
     )?;
     // The text comparison above works at millisecond precision; this one is exact.
     rules.retain(|r| r.in_force(now));
@@ -1053,85 +731,21 @@ pub(super) fn rules_in_force(conn: &Connection, now: DateTime<Utc>) -> Result<Ve
 
 /// Every exchange that holds pending or active credentials, as a kill subject.
 pub(super) fn live_exchanges(conn: &Connection) -> Result<Vec<LiveExchange>, LedgerError> {
-    let rows = query_all(
-        conn,
-        "SELECT c.exchange_id, c.id, c.state, c.agent, c.capability, c.issuer, c.subject, c.repository, \
-         c.workflow, e.claims, c.backend \
-         FROM credentials c JOIN exchanges e ON e.id = c.exchange_id \
-         WHERE c.state IN ('pending', 'active') \
-         ORDER BY c.exchange_id, c.id",
-        [],
-        |r| {
-            let c = codec::Cols::new(r, "credentials");
-            let state = codec::credential_state(&c.text(2, "state")?)
-                .ok_or_else(|| LedgerError::Corrupt("credentials.state: unknown".into()))?;
-            let backend = codec::backend(&c.text(10, "backend")?)
-                .ok_or_else(|| LedgerError::Corrupt("credentials.backend: unknown".into()))?;
-            Ok((
-                c.uuid(0, "exchange_id")?,
-                LiveCredential { credential_id: c.uuid(1, "id")?, backend, state },
-                KillSubject {
-                    agent: c.text(3, "agent")?,
-                    capability: c.text(4, "capability")?,
-                    issuer: c.text(5, "issuer")?,
-                    subject: c.text(6, "subject")?,
-                    repository: c.opt_text(7, "repository")?,
-                    workflow: c.opt_text(8, "workflow")?,
-                    claims: serde_json::Map::new(),
-                    credentials: Vec::new(),
-                },
-                c.text(9, "claims")?,
-            ))
-        },
-    )?;
-    let mut out: Vec<LiveExchange> = Vec::new();
-    for (exchange_id, credential, subject, claims) in rows {
-        let cid = credential.credential_id;
-        match out.last_mut() {
-            Some(last) if last.id == exchange_id => {
-                last.subject.credentials.push(cid);
-                last.credentials.push(credential);
-            }
-            _ => {
-                let (claims, claims_readable) = match serde_json::from_str::<serde_json::Value>(&claims) {
-                    Ok(serde_json::Value::Object(map)) => (map, true),
-                    Ok(serde_json::Value::Null) => (serde_json::Map::new(), true),
-                    _ => (serde_json::Map::new(), false),
-                };
-                out.push(LiveExchange {
-                    id: exchange_id,
-                    subject: KillSubject { claims, credentials: vec![cid], ..subject },
-                    claims_readable,
-                    credentials: vec![credential],
-                });
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// One exchange that still holds pending or active credentials.
-pub(super) struct LiveExchange {
-    id: Uuid,
-    /// The exchange's identity; `credentials` lists its live credentials, because a
-    /// `credential` selector names the exchange that holds it: an exchange's grants are issued
-    /// and withdrawn together (DESIGN step 6), as [`Tx::activate`] judges them.
-    subject: KillSubject,
-    /// False when the stored claims do not decode.
-    claims_readable: bool,
-    pub(super) credentials: Vec<LiveCredential>,
-}
-
-impl LiveExchange {
-    pub(super) fn matched_by(&self, selector: &Selector) -> bool {
-        if self.claims_readable || selector.claims.is_empty() {
-            return selector.matches(&self.subject);
-        }
-        // Claims that cannot be read cannot clear an identity: judged on every other field, so
-        // that a damaged row errs towards revocation instead of blocking the kill.
-        tracing::warn!(exchange_id = %self.id, "ledger.kill.unreadable_claims");
-        let mut without_claims = selector.clone();
-        without_claims.claims.clear();
-        without_claims.matches(&self.subject)
-    }
+    let rows = query_all(conn, rows::LIVE_CREDENTIALS, [], |r| {
+        let c = codec::Cols::new(r, "credentials");
+        Ok(LiveRow {
+            exchange_id: c.text(0, "exchange_id")?,
+            id: c.text(1, "id")?,
+            state: c.text(2, "state")?,
+            agent: c.text(3, "agent")?,
+            capability: c.text(4, "capability")?,
+            issuer: c.text(5, "issuer")?,
+            subject: c.text(6, "subject")?,
+            repository: c.opt_text(7, "repository")?,
+            workflow: c.opt_text(8, "workflow")?,
+            claims: c.text(9, "claims")?,
+            backend: c.text(10, "backend")?,
+        })
+    })?;
+    rows::group_live(rows)
 }

@@ -12,9 +12,9 @@ use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::Semaphore;
 
 use super::codec::{
-    Cols, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns, exchange_from_row,
-    kill_target_columns, kill_target_from_row, query_all, query_opt, signing_key_from_row, stored_kill_columns,
-    stored_kill_from_row, ts,
+    Cols, checkpoint_from_row, credential_columns, credential_from_row, db_err, event_from_row, exchange_columns,
+    exchange_from_row, kill_target_columns, kill_target_from_row, query_all, query_opt, signing_key_from_row,
+    stored_kill_columns, stored_kill_from_row, ts,
 };
 use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
@@ -80,16 +80,15 @@ fn open_reader(path: &PathBuf) -> Result<Connection, LedgerError> {
 }
 
 pub(super) fn exchange(conn: &Connection, id: &str) -> Result<Option<ExchangeRow>, LedgerError> {
-    query_opt(conn, concat!("SELECT ", exchange_columns!(), " FROM exchanges WHERE id = ?1"), [id], exchange_from_row)
+    query_opt(conn, concat!("SELECT ", exchange_columns!(), " FROM exchanges WHERE id = ?1"), [id], |r| {
+        exchange_from_row(r)
+    })
 }
 
 pub(super) fn credential(conn: &Connection, id: &str) -> Result<Option<CredentialRow>, LedgerError> {
-    query_opt(
-        conn,
-        concat!("SELECT ", credential_columns!(), " FROM credentials WHERE id = ?1"),
-        [id],
-        credential_from_row,
-    )
+    query_opt(conn, concat!("SELECT ", credential_columns!(), " FROM credentials WHERE id = ?1"), [id], |r| {
+        credential_from_row(r)
+    })
 }
 
 pub(super) fn credentials_of_exchange(conn: &Connection, exchange_id: &str) -> Result<Vec<CredentialRow>, LedgerError> {
@@ -97,7 +96,7 @@ pub(super) fn credentials_of_exchange(conn: &Connection, exchange_id: &str) -> R
         conn,
         concat!("SELECT ", credential_columns!(), " FROM credentials WHERE exchange_id = ?1 ORDER BY created_at, id"),
         [exchange_id],
-        credential_from_row,
+        |r| credential_from_row(r),
     )
 }
 
@@ -110,7 +109,7 @@ pub(super) fn pending_credentials(conn: &Connection, before: DateTime<Utc>) -> R
             " FROM credentials WHERE state = 'pending' AND created_at < ?1 ORDER BY created_at, id"
         ),
         [ts(before)],
-        credential_from_row,
+        |r| credential_from_row(r),
     )
 }
 
@@ -138,12 +137,9 @@ pub(super) fn kill_state(conn: &Connection, now: DateTime<Utc>) -> Result<KillSt
 }
 
 pub(super) fn kill_rule(conn: &Connection, id: &str) -> Result<Option<StoredKill>, LedgerError> {
-    query_opt(
-        conn,
-        concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = ?1"),
-        [id],
-        stored_kill_from_row,
-    )
+    query_opt(conn, concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = ?1"), [id], |r| {
+        stored_kill_from_row(r)
+    })
 }
 
 /// A page of rules, oldest first, after the cursor's `(created_at, id)`.
@@ -168,7 +164,7 @@ pub(super) fn kill_rules(conn: &Connection, page: &KillPage) -> Result<Vec<Store
             page.until.map(ts),
             i64::try_from(page.limit).unwrap_or(i64::MAX)
         ],
-        stored_kill_from_row,
+        |r| stored_kill_from_row(r),
     )
 }
 
@@ -183,7 +179,7 @@ pub(super) fn kill_targets(conn: &Connection, kill_id: &str) -> Result<Vec<KillT
              WHERE j.id IS NOT NULL OR c.revoke_requested_by = ?1 ORDER BY c.id"
         ),
         [kill_id],
-        kill_target_from_row,
+        |r| kill_target_from_row(r),
     )
 }
 
@@ -205,7 +201,7 @@ pub(super) fn events(conn: &Connection, after: i64, limit: i64) -> Result<Vec<St
         conn,
         "SELECT seq, prev_hash, hash, body FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         params![after, limit],
-        event_from_row,
+        |r| event_from_row(r),
     )
 }
 
@@ -214,7 +210,7 @@ pub(super) fn signing_keys(conn: &Connection) -> Result<Vec<StoredKey>, LedgerEr
         conn,
         "SELECT id, algorithm, sealed_private, public_jwk, created_at FROM signing_keys ORDER BY created_at, id",
         [],
-        signing_key_from_row,
+        |r| signing_key_from_row(r),
     )
 }
 
@@ -276,7 +272,7 @@ pub(super) fn list_credentials(conn: &Connection, q: &CredentialQuery) -> Result
             q.until.map(ts),
             page_limit(q.limit),
         ],
-        credential_from_row,
+        |r| credential_from_row(r),
     )?;
     // Listings never carry what revocation keeps sealed.
     for r in &mut rows {
@@ -317,7 +313,7 @@ pub(super) fn list_exchanges(conn: &Connection, q: &ExchangeQuery) -> Result<Vec
             q.until.map(ts),
             page_limit(q.limit),
         ],
-        exchange_from_row,
+        |r| exchange_from_row(r),
     )
 }
 
@@ -359,7 +355,7 @@ pub(super) fn list_events(conn: &Connection, q: &EventQuery) -> Result<Vec<Store
             q.until.map(ts),
             page_limit(q.limit),
         ],
-        event_from_row,
+        |r| event_from_row(r),
     )
 }
 
@@ -371,24 +367,10 @@ pub(super) fn audit_head(conn: &Connection) -> Result<(i64, String), LedgerError
     .unwrap_or_else(|| (0, hex::encode(crate::audit::GENESIS_HASH))))
 }
 
-fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> Result<Checkpoint, LedgerError> {
-    let c = Cols::new(r, "audit_checkpoints");
-    Ok(Checkpoint {
-        seq: c.int(0, "seq")?,
-        hash: c.text(1, "hash")?,
-        signed_at: c.text(2, "signed_at")?,
-        key_id: c.text(3, "key_id")?,
-        signature: c.text(4, "signature")?,
-    })
-}
-
 pub(super) fn checkpoints(conn: &Connection) -> Result<Vec<Checkpoint>, LedgerError> {
-    query_all(
-        conn,
-        "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints ORDER BY seq",
-        [],
-        checkpoint_from_row,
-    )
+    query_all(conn, "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints ORDER BY seq", [], |r| {
+        checkpoint_from_row(r)
+    })
 }
 
 pub(super) fn latest_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>, LedgerError> {
@@ -396,7 +378,7 @@ pub(super) fn latest_checkpoint(conn: &Connection) -> Result<Option<Checkpoint>,
         conn,
         "SELECT seq, hash, signed_at, key_id, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
         [],
-        checkpoint_from_row,
+        |r| checkpoint_from_row(r),
     )
 }
 

@@ -754,7 +754,7 @@ fn timestamps_are_fixed_width_and_sort_as_text() {
     assert_eq!(a, "2025-03-01T12:00:00.000Z");
     assert_eq!(a.len(), b.len());
     assert!(a < b);
-    assert_eq!(codec::parse_time(&a), Some(t0()));
+    assert_eq!(crate::ledger::rows::parse_time(&a), Some(t0()));
 }
 
 #[tokio::test]

@@ -20,9 +20,11 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::codec::{copy_err, db_err};
-use super::ops::{Op, Reply, Tx};
+use super::codec::db_err;
+use super::ops::Tx;
 use crate::ledger::LedgerError;
+use crate::ledger::command::{Op, Reply};
+use crate::ledger::rows::copy_err;
 
 /// The most commands one transaction takes. Large enough that a burst shares one fsync, small
 /// enough that the first command of a batch does not wait long for the last.

@@ -1,0 +1,806 @@
+//! What each write command ([`Op`]) does inside the PostgreSQL writer's transaction: the same
+//! steps, checks and answers as the SQLite store's, in PostgreSQL's dialect. The writer holds
+//! the chain head's row lock for the whole transaction (see [`super::writer`]), so these steps
+//! never interleave with another replica's.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
+use uuid::Uuid;
+
+use super::db_err;
+use super::read;
+use crate::audit::{AuditEvent, chain_hash};
+use crate::kill::{KillRule, KillSubject};
+use crate::ledger::command::{
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply,
+};
+use crate::ledger::rows::{
+    self, id, job_columns, job_from_row, kill_rule_from_row, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
+};
+use crate::ledger::{
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest, StoredKill,
+};
+
+/// The last event of the chain: its sequence number (0 before the first) and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ChainHead {
+    pub(super) seq: i64,
+    pub(super) hash: [u8; 32],
+}
+
+/// A command's view of the open transaction.
+pub(super) struct Tx<'a> {
+    pub(super) conn: &'a mut PgConnection,
+    pub(super) head: &'a mut ChainHead,
+}
+
+/// The channel kill changes are announced on; the payload names the schema, so that replicas of
+/// another deployment sharing the database ignore them.
+pub(super) const KILL_CHANNEL: &str = "latchkey_kills";
+
+impl Tx<'_> {
+    pub(super) async fn apply(&mut self, op: Op) -> Result<Applied, LedgerError> {
+        match op {
+            Op::Refusal { exchange, event } => {
+                if matches!(exchange.state, ExchangeState::Pending | ExchangeState::Allowed) {
+                    return Err(LedgerError::Conflict(format!(
+                        "a refusal ends denied or failed, not {}",
+                        exchange.state.as_str()
+                    )));
+                }
+                self.insert_exchange(&exchange).await?;
+                self.append(&event).await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Intent { exchange, credentials, event } => {
+                self.insert_intent(&exchange, &credentials).await?;
+                self.append(&event).await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::IssueLocal { exchange, credentials, activate } => {
+                // One savepoint holds both: a refused activation takes the intent rows with it.
+                self.insert_intent(&exchange, &credentials).await?;
+                match *activate {
+                    Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
+                        self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event).await
+                    }
+                    _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+                }
+            }
+            Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
+                let n = self
+                    .exec(
+                        sqlx::query(
+                            "UPDATE credentials SET handle = $2, fingerprint = $3, expires_at = $4 \
+                             WHERE id = $1 AND state = 'pending'",
+                        )
+                        .bind(&credential_id)
+                        .bind(sealed)
+                        .bind(fingerprint)
+                        .bind(expires_at),
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(self.credential_not_pending(&credential_id, "take a handle").await?);
+                }
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
+                self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event).await
+            }
+            Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
+                self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event).await
+            }
+            Op::Transition { id, from, to, event } => self.transition(&id, &from, to, &event).await,
+            Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event).await,
+            Op::RecordLapses { now, actor } => self.record_lapses(now, &actor).await,
+            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event).await,
+            Op::RequestRevoke { job, event } => self.request_revoke(&job, &event).await,
+            Op::Release { revokes, event } => self.release(&revokes, &event).await,
+            Op::EnqueueJobs(jobs) => {
+                for job in &jobs {
+                    self.insert_job(job).await?;
+                }
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::ClaimJobs { now, limit, lease_until } => {
+                let jobs = claim_jobs(self.conn, &now, limit, &lease_until).await?;
+                Ok(Applied::keep(Reply::Jobs(jobs)))
+            }
+            Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome).await,
+            Op::AppendEvent(event) => {
+                self.append(&event).await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::InsertSigningKey { id, algorithm, sealed_private, public_jwk, created_at, event } => {
+                self.exec(
+                    sqlx::query(
+                        "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(id)
+                    .bind(algorithm)
+                    .bind(sealed_private)
+                    .bind(public_jwk)
+                    .bind(created_at),
+                )
+                .await?;
+                self.append(&event).await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::RecordCheckpoint { checkpoint: c, event } => {
+                // Under the chain lock, nothing can move the row between this check and the insert.
+                let on_chain: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_events WHERE seq = $1")
+                    .bind(c.seq)
+                    .fetch_optional(&mut *self.conn)
+                    .await
+                    .map_err(db_err)?;
+                if on_chain.as_deref() != Some(c.hash.as_str()) {
+                    return Err(LedgerError::Conflict(format!("event {} does not have the checkpoint's hash", c.seq)));
+                }
+                self.exec(
+                    sqlx::query(
+                        "INSERT INTO audit_checkpoints (seq, hash, signed_at, key_id, signature) \
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(c.seq)
+                    .bind(&c.hash)
+                    .bind(&c.signed_at)
+                    .bind(&c.key_id)
+                    .bind(&c.signature),
+                )
+                .await?;
+                self.append(&event).await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::SetStreamPosition { name, seq } => {
+                self.exec(
+                    sqlx::query(
+                        "INSERT INTO audit_stream_positions (name, seq) VALUES ($1, $2) \
+                         ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+                    )
+                    .bind(name)
+                    .bind(seq),
+                )
+                .await?;
+                Ok(Applied::keep(Reply::Done))
+            }
+            Op::Prune { now } => {
+                let n = self.exec(sqlx::query("DELETE FROM spent_jti WHERE keep_until < $1").bind(now)).await?;
+                Ok(Applied::keep(Reply::Count(n)))
+            }
+        }
+    }
+
+    async fn exec(
+        &mut self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64, LedgerError> {
+        q.execute(&mut *self.conn).await.map(|r| r.rows_affected()).map_err(db_err)
+    }
+
+    /// Appends one event to the chain; the writer restores the head when it rolls back.
+    async fn append(&mut self, event: &EventParams) -> Result<(), LedgerError> {
+        let seq = self.head.seq + 1;
+        let hash = chain_hash(&self.head.hash, event.body.as_bytes());
+        self.exec(
+            sqlx::query("INSERT INTO audit_events (seq, prev_hash, hash, body) VALUES ($1, $2, $3, $4)")
+                .bind(seq)
+                .bind(hex::encode(self.head.hash))
+                .bind(hex::encode(hash))
+                .bind(&event.body),
+        )
+        .await?;
+        *self.head = ChainHead { seq, hash };
+        Ok(())
+    }
+
+    async fn insert_exchange(&mut self, e: &ExchangeParams) -> Result<(), LedgerError> {
+        self.exec(
+            sqlx::query(concat!(
+                "INSERT INTO exchanges (",
+                rows::exchange_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            ))
+            .bind(&e.id)
+            .bind(&e.request_id)
+            .bind(&e.created_at)
+            .bind(e.state.as_str())
+            .bind(&e.error)
+            .bind(&e.reason)
+            .bind(&e.issuer)
+            .bind(&e.subject)
+            .bind(&e.repository)
+            .bind(&e.workflow)
+            .bind(&e.capability)
+            .bind(&e.agent)
+            .bind(&e.claims)
+            .bind(&e.trace)
+            .bind(&e.policy_sha256)
+            .bind(&e.release_token_sha256)
+            .bind(&e.expires_at),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_job(&mut self, j: &JobParams) -> Result<(), LedgerError> {
+        self.exec(
+            sqlx::query(
+                "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts) VALUES ($1, $2, $3, $4, $5, 0)",
+            )
+            .bind(&j.id)
+            .bind(j.kind)
+            .bind(&j.credential_id)
+            .bind(&j.kill_id)
+            .bind(&j.run_at),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_intent(
+        &mut self,
+        exchange: &ExchangeParams,
+        credentials: &[CredentialParams],
+    ) -> Result<(), LedgerError> {
+        if exchange.state != ExchangeState::Pending {
+            return Err(LedgerError::Conflict(format!("an intent is pending, not {}", exchange.state.as_str())));
+        }
+        self.insert_exchange(exchange).await?;
+        for c in credentials {
+            if c.exchange_id != exchange.id {
+                return Err(LedgerError::Conflict(format!("credential {} belongs to another exchange", c.id)));
+            }
+            if c.state != CredentialState::Pending {
+                return Err(LedgerError::Conflict(format!("credential {} is {}, not pending", c.id, c.state.as_str())));
+            }
+            self.exec(
+                sqlx::query(concat!(
+                    "INSERT INTO credentials (",
+                    rows::credential_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                ))
+                .bind(&c.id)
+                .bind(&c.exchange_id)
+                .bind(&c.name)
+                .bind(c.backend)
+                .bind(c.state.as_str())
+                .bind(&c.agent)
+                .bind(&c.capability)
+                .bind(&c.issuer)
+                .bind(&c.subject)
+                .bind(&c.repository)
+                .bind(&c.workflow)
+                .bind(&c.created_at)
+                .bind(&c.expires_at)
+                .bind(&c.fingerprint)
+                .bind(&c.handle)
+                .bind(c.revoke_requested)
+                .bind(&c.revoked_at),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// DESIGN step 7, under the chain lock that [`Tx::create_kill`] also holds: an activation
+    /// and a kill never interleave, on whatever replicas they run.
+    #[allow(clippy::too_many_arguments)]
+    async fn activate(
+        &mut self,
+        exchange_id: &str,
+        now: DateTime<Utc>,
+        seen_kill_epoch: i64,
+        subject: &KillSubject,
+        jti: Option<&(String, String, String, String)>,
+        jobs: &[JobParams],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let n = self
+            .exec(
+                sqlx::query("UPDATE exchanges SET state = 'allowed' WHERE id = $1 AND state = 'pending'")
+                    .bind(exchange_id),
+            )
+            .await?;
+        if n == 0 {
+            return Err(self.exchange_not_pending(exchange_id, "be activated").await?);
+        }
+
+        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
+        let epoch = read::kill_epoch(&mut *self.conn).await?;
+        if epoch != seen_kill_epoch {
+            for rule in read::rules_in_force(&mut *self.conn, now).await? {
+                if rule.selector.matches(subject) {
+                    return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: Some(rule.id) })));
+                }
+            }
+        }
+
+        // (2) A row a kill marked while pending never becomes active.
+        let marked: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM credentials WHERE exchange_id = $1 AND revoke_requested LIMIT 1")
+                .bind(exchange_id)
+                .fetch_optional(&mut *self.conn)
+                .await
+                .map_err(db_err)?;
+        if marked.is_some() {
+            return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
+        }
+
+        // (3) Single use, across replicas: the primary key makes a second spend a no-op.
+        if let Some((issuer, jti, capability, keep_until)) = jti {
+            let n = self
+                .exec(
+                    sqlx::query(
+                        "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (issuer, jti, capability) DO NOTHING",
+                    )
+                    .bind(issuer)
+                    .bind(jti)
+                    .bind(capability)
+                    .bind(keep_until),
+                )
+                .await?;
+            if n == 0 {
+                return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
+            }
+        }
+
+        // (4) Activate.
+        self.exec(
+            sqlx::query("UPDATE credentials SET state = 'active' WHERE exchange_id = $1 AND state = 'pending'")
+                .bind(exchange_id),
+        )
+        .await?;
+        for job in jobs {
+            self.insert_job(job).await?;
+        }
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    async fn abort(
+        &mut self,
+        exchange_id: &str,
+        state: ExchangeState,
+        error: &str,
+        reason: &str,
+        unrevoked: &[String],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        if !matches!(state, ExchangeState::Failed | ExchangeState::Denied) {
+            return Err(LedgerError::Conflict(format!("an abort ends failed or denied, not {}", state.as_str())));
+        }
+        let n = self
+            .exec(
+                sqlx::query(
+                    "UPDATE exchanges SET state = $2, error = $3, reason = $4 WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(exchange_id)
+                .bind(state.as_str())
+                .bind(error)
+                .bind(reason),
+            )
+            .await?;
+        if n == 0 {
+            return Err(self.exchange_not_pending(exchange_id, "be aborted").await?);
+        }
+        // What could not be revoked stays pending for the reconciler.
+        self.exec(
+            sqlx::query(
+                "UPDATE credentials SET state = 'failed', handle = NULL \
+                 WHERE exchange_id = $1 AND state = 'pending' AND NOT (id = ANY($2))",
+            )
+            .bind(exchange_id)
+            .bind(unrevoked),
+        )
+        .await?;
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Done))
+    }
+
+    async fn transition(
+        &mut self,
+        id: &str,
+        from: &[CredentialState],
+        to: CredentialState,
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let Some(state) = self.credential_state(id).await? else {
+            return Err(LedgerError::NotFound);
+        };
+        if !from.contains(&state) {
+            return Ok(Applied::keep(Reply::Moved(false)));
+        }
+        let revoked_at = if to == CredentialState::Revoked { Some(event.at()?.to_owned()) } else { None };
+        // An ended credential's revocation handle is erased in the transaction that ends it.
+        let ended = !matches!(to, CredentialState::Pending | CredentialState::Active);
+        self.exec(
+            sqlx::query(
+                "UPDATE credentials SET state = $2, revoked_at = COALESCE($3, revoked_at), \
+                 handle = CASE WHEN $4 THEN NULL ELSE handle END WHERE id = $1",
+            )
+            .bind(id)
+            .bind(to.as_str())
+            .bind(revoked_at)
+            .bind(ended),
+        )
+        .await?;
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Moved(true)))
+    }
+
+    /// The kill-switch: after this commits, no activation on any replica can miss the rule,
+    /// every pending row it matches is marked, every active credential it matches has a durable
+    /// revocation job, and every replica is told to re-read the rules.
+    async fn create_kill(
+        &mut self,
+        rule: &KillRule,
+        selector: &str,
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        rule.selector.validate().map_err(|e| LedgerError::Conflict(e.to_string()))?;
+        self.bump_kill_epoch().await?;
+        let rule_id = id(rule.id);
+        self.exec(
+            sqlx::query(concat!(
+                "INSERT INTO kill_rules (",
+                rows::kill_rule_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ))
+            .bind(&rule_id)
+            .bind(selector)
+            .bind(&rule.reason)
+            .bind(ts(rule.created_at))
+            .bind(&rule.created_by)
+            .bind(ts_opt(rule.expires_at))
+            .bind(ts_opt(rule.lifted_at)),
+        )
+        .await?;
+
+        let mut effect = KillEffect::default();
+        if rule.in_force(rule.created_at) {
+            let run_at = ts(rule.created_at);
+            for exchange in read::live_exchanges(&mut *self.conn).await? {
+                if !exchange.matched_by(&rule.selector) {
+                    continue;
+                }
+                for credential in &exchange.credentials {
+                    let cid = credential.credential_id;
+                    if credential.state == CredentialState::Pending {
+                        self.exec(
+                            sqlx::query(
+                                "UPDATE credentials SET revoke_requested = TRUE, \
+                                 revoke_requested_by = COALESCE(revoke_requested_by, $2) WHERE id = $1",
+                            )
+                            .bind(id(cid))
+                            .bind(&rule_id),
+                        )
+                        .await?;
+                        effect.pending_marked.push(cid);
+                    } else {
+                        let job = JobParams {
+                            id: id(Uuid::now_v7()),
+                            kind: JobKind::Revoke.as_str(),
+                            credential_id: id(cid),
+                            kill_id: Some(rule_id.clone()),
+                            run_at: run_at.clone(),
+                        };
+                        self.insert_job(&job).await?;
+                        effect.jobs.push(cid);
+                    }
+                }
+            }
+        }
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::KillEffect(effect)))
+    }
+
+    /// Moves the kill epoch and announces it; the notification is delivered on COMMIT only.
+    async fn bump_kill_epoch(&mut self) -> Result<(), LedgerError> {
+        self.exec(sqlx::query("UPDATE kill_epoch SET epoch = epoch + 1 WHERE id = 1")).await?;
+        self.exec(sqlx::query("SELECT pg_notify($1, current_schema())::text").bind(KILL_CHANNEL)).await?;
+        Ok(())
+    }
+
+    async fn record_lapses(&mut self, now: DateTime<Utc>, actor: &str) -> Result<Applied, LedgerError> {
+        let rules = sqlx::query(concat!(
+            "SELECT ",
+            rows::kill_rule_columns!(),
+            " FROM kill_rules WHERE expires_at IS NOT NULL AND expires_at <= $1 AND lifted_at IS NULL \
+             AND lapse_recorded = FALSE ORDER BY created_at, id"
+        ))
+        .bind(ts(now))
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(kill_rule_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let mut lapsed = Vec::new();
+        for rule in rules {
+            let Some(expires_at) = rule.expires_at else { continue };
+            self.exec(sqlx::query("UPDATE kill_rules SET lapse_recorded = TRUE WHERE id = $1").bind(id(rule.id)))
+                .await?;
+            let mut event = AuditEvent::new("kill.lapsed", expires_at);
+            event.actor = Some(actor.to_owned());
+            event.reason = Some(rule.reason.clone());
+            event.detail = Some(serde_json::json!({
+                "kill_id": rule.id,
+                "selector": rule.selector,
+                "created_by": rule.created_by,
+                "noticed_at": ts(now),
+            }));
+            self.append(&EventParams::new(&event)).await?;
+            lapsed.push(rule.id);
+        }
+        Ok(Applied::keep(Reply::KillIds(lapsed)))
+    }
+
+    async fn lift_kill(
+        &mut self,
+        rule_id: &str,
+        now: &str,
+        by: &str,
+        reason: &str,
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let Some(stored) = self.stored_kill(rule_id).await? else {
+            return Err(LedgerError::NotFound);
+        };
+        if let Some(at) = stored.rule.lifted_at {
+            let who = stored.lifted_by.as_deref().unwrap_or("unknown");
+            return Err(LedgerError::Conflict(format!("the rule was already lifted at {} by {who}", ts(at))));
+        }
+        let now_time = rows::parse_time(now).ok_or_else(|| LedgerError::Conflict(format!("bad time {now:?}")))?;
+        if let Some(at) = stored.rule.expires_at.filter(|e| *e <= now_time) {
+            return Err(LedgerError::Conflict(format!("the rule already lapsed at {}; nothing to lift", ts(at))));
+        }
+        self.bump_kill_epoch().await?;
+        self.exec(
+            sqlx::query("UPDATE kill_rules SET lifted_at = $2, lifted_by = $3, lift_reason = $4 WHERE id = $1")
+                .bind(rule_id)
+                .bind(now)
+                .bind(by)
+                .bind(reason),
+        )
+        .await?;
+        self.append(event).await?;
+        let lifted = self.stored_kill(rule_id).await?.ok_or(LedgerError::NotFound)?;
+        Ok(Applied::keep(Reply::Kill(Box::new(lifted))))
+    }
+
+    async fn stored_kill(&mut self, rule_id: &str) -> Result<Option<StoredKill>, LedgerError> {
+        let row = sqlx::query(concat!("SELECT ", stored_kill_columns!(), " FROM kill_rules WHERE id = $1"))
+            .bind(rule_id)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(stored_kill_from_row).transpose()
+    }
+
+    async fn revoke_waiting(&mut self, credential_id: &str) -> Result<bool, LedgerError> {
+        let waiting: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs WHERE credential_id = $1 AND kind = 'revoke' AND done_at IS NULL LIMIT 1",
+        )
+        .bind(credential_id)
+        .fetch_optional(&mut *self.conn)
+        .await
+        .map_err(db_err)?;
+        Ok(waiting.is_some())
+    }
+
+    async fn request_revoke(&mut self, job: &JobParams, event: &EventParams) -> Result<Applied, LedgerError> {
+        let Some(state) = self.credential_state(&job.credential_id).await? else {
+            return Err(LedgerError::NotFound);
+        };
+        let answer = match state {
+            CredentialState::Active => {
+                if self.revoke_waiting(&job.credential_id).await? {
+                    return Ok(Applied::keep(Reply::Revoke(RevokeRequest::AlreadyQueued)));
+                }
+                self.insert_job(job).await?;
+                RevokeRequest::Queued
+            }
+            CredentialState::Pending => {
+                self.exec(
+                    sqlx::query("UPDATE credentials SET revoke_requested = TRUE WHERE id = $1")
+                        .bind(&job.credential_id),
+                )
+                .await?;
+                RevokeRequest::Marked
+            }
+            ended => return Ok(Applied::keep(Reply::Revoke(RevokeRequest::Finished(ended)))),
+        };
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Revoke(answer)))
+    }
+
+    async fn release(
+        &mut self,
+        revokes: &[(JobParams, EventParams)],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        let mut answers = Vec::with_capacity(revokes.len());
+        let mut changed = false;
+        for (job, credential_event) in revokes {
+            let Some(state) = self.credential_state(&job.credential_id).await? else {
+                return Err(LedgerError::NotFound);
+            };
+            let answer = match state {
+                CredentialState::Active => {
+                    if self.revoke_waiting(&job.credential_id).await? {
+                        RevokeRequest::AlreadyQueued
+                    } else {
+                        self.insert_job(job).await?;
+                        self.append(credential_event).await?;
+                        changed = true;
+                        RevokeRequest::Queued
+                    }
+                }
+                CredentialState::Pending => {
+                    let n = self
+                        .exec(
+                            sqlx::query(
+                                "UPDATE credentials SET revoke_requested = TRUE WHERE id = $1 AND NOT revoke_requested",
+                            )
+                            .bind(&job.credential_id),
+                        )
+                        .await?;
+                    if n > 0 {
+                        self.append(credential_event).await?;
+                        changed = true;
+                    }
+                    RevokeRequest::Marked
+                }
+                ended => RevokeRequest::Finished(ended),
+            };
+            answers.push(answer);
+        }
+        if changed {
+            self.append(event).await?;
+        }
+        Ok(Applied::keep(Reply::Revokes(answers)))
+    }
+
+    async fn finish_job(&mut self, job_id: &str, outcome: &FinishParams) -> Result<Applied, LedgerError> {
+        let n = match outcome {
+            FinishParams::Done { state, event } => {
+                let outcome = match state {
+                    CredentialState::Revoked => "revoked",
+                    CredentialState::Expired => "expired",
+                    other => {
+                        return Err(LedgerError::Conflict(format!(
+                            "a finished job leaves its credential revoked or expired, not {}",
+                            other.as_str()
+                        )));
+                    }
+                };
+                let at = event.at()?.to_owned();
+                self.exec(
+                    sqlx::query(
+                        "UPDATE jobs SET done_at = $2, outcome = $3, attempts = attempts + 1, leased_until = NULL \
+                         WHERE id = $1 AND done_at IS NULL",
+                    )
+                    .bind(job_id)
+                    .bind(at)
+                    .bind(outcome),
+                )
+                .await?
+            }
+            FinishParams::Retry { run_at, error } => {
+                self.exec(
+                    sqlx::query(
+                        "UPDATE jobs SET attempts = attempts + 1, run_at = $2, last_error = $3, leased_until = NULL \
+                         WHERE id = $1 AND done_at IS NULL",
+                    )
+                    .bind(job_id)
+                    .bind(run_at)
+                    .bind(error),
+                )
+                .await?
+            }
+            FinishParams::Failed { error, event } => {
+                let at = event.at()?.to_owned();
+                self.exec(
+                    sqlx::query(
+                        "UPDATE jobs SET done_at = $2, outcome = 'failed', attempts = attempts + 1, \
+                         last_error = $3, leased_until = NULL WHERE id = $1 AND done_at IS NULL",
+                    )
+                    .bind(job_id)
+                    .bind(at)
+                    .bind(error),
+                )
+                .await?
+            }
+        };
+        if n == 0 {
+            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(&mut *self.conn)
+                .await
+                .map_err(db_err)?;
+            return Err(match exists {
+                None => LedgerError::NotFound,
+                Some(_) => LedgerError::Conflict("the job is already done".into()),
+            });
+        }
+        match outcome {
+            FinishParams::Done { state, event } => {
+                let revoked_at = if *state == CredentialState::Revoked { Some(event.at()?.to_owned()) } else { None };
+                self.exec(
+                    sqlx::query(
+                        "UPDATE credentials SET state = $2, revoked_at = COALESCE($3, revoked_at), handle = NULL \
+                         WHERE id = (SELECT credential_id FROM jobs WHERE id = $1) AND state IN ('pending', 'active')",
+                    )
+                    .bind(job_id)
+                    .bind(state.as_str())
+                    .bind(revoked_at),
+                )
+                .await?;
+                self.append(event).await?;
+            }
+            FinishParams::Failed { event, .. } => self.append(event).await?,
+            FinishParams::Retry { .. } => {}
+        }
+        Ok(Applied::keep(Reply::Done))
+    }
+
+    async fn credential_state(&mut self, id: &str) -> Result<Option<CredentialState>, LedgerError> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM credentials WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_err)?;
+        state
+            .map(|s| rows::credential_state(&s).ok_or_else(|| rows::corrupt("credentials", "state", "unknown")))
+            .transpose()
+    }
+
+    async fn credential_not_pending(&mut self, id: &str, what: &str) -> Result<LedgerError, LedgerError> {
+        Ok(match self.credential_state(id).await? {
+            None => LedgerError::NotFound,
+            Some(s) => LedgerError::Conflict(format!("credential is {}, so it cannot {what}", s.as_str())),
+        })
+    }
+
+    async fn exchange_not_pending(&mut self, id: &str, what: &str) -> Result<LedgerError, LedgerError> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM exchanges WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_err)?;
+        Ok(match state {
+            None => LedgerError::NotFound,
+            Some(s) => LedgerError::Conflict(format!("exchange is {s}, so it cannot {what}")),
+        })
+    }
+}
+
+/// Claims up to `limit` due jobs for this worker until `lease_until`. `SKIP LOCKED` lets workers
+/// of every replica claim at once without waiting on each other or taking the same job: a row
+/// another claim has locked is skipped, and once its lease is written it is not due any more.
+pub(super) async fn claim_jobs(
+    conn: &mut PgConnection,
+    now: &str,
+    limit: i64,
+    lease_until: &str,
+) -> Result<Vec<crate::ledger::Job>, LedgerError> {
+    let rows: Vec<PgRow> = sqlx::query(concat!(
+        "UPDATE jobs SET leased_until = $3 WHERE id IN (SELECT id FROM jobs WHERE done_at IS NULL AND run_at <= $1 \
+         AND (leased_until IS NULL OR leased_until <= $1) ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING ",
+        job_columns!()
+    ))
+    .bind(now)
+    .bind(limit)
+    .bind(lease_until)
+    .fetch_all(conn)
+    .await
+    .map_err(db_err)?;
+    let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>, _>>()?;
+    jobs.sort_by_key(|j| (j.run_at, j.id));
+    Ok(jobs)
+}

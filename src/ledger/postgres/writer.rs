@@ -1,0 +1,162 @@
+//! This replica's writer: one connection of its own, and group commit.
+//!
+//! Callers send [`Command`]s over a bounded channel. The writer takes every command already
+//! queued (up to [`MAX_BATCH`]) and runs them in ONE transaction, each in its own savepoint, so a
+//! command that fails (or answers "nothing changed", like a killed activation) rolls back alone.
+//!
+//! Invariants:
+//! * every transaction first locks the chain head row (`audit_head … FOR UPDATE`) and reads the
+//!   head from it: writers on every replica take turns, each appends after the last committed
+//!   event, and the head row moves in the same transaction as the events, so the chain never
+//!   forks and has no gaps. Kill creation and activation (DESIGN step 7) both hold it, so they
+//!   are serialized across replicas as well;
+//! * a reply leaves only after the COMMIT that made it durable succeeded; if the transaction is
+//!   lost (connection gone, COMMIT refused), every command of the batch gets the error, and the
+//!   connection is dropped and opened again for the next batch.
+
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::db_err;
+use super::ops::{ChainHead, Tx};
+use crate::ledger::LedgerError;
+use crate::ledger::command::{Op, Reply};
+use crate::ledger::rows::{copy_err, hash_from_hex};
+
+/// The most commands one transaction takes.
+pub(super) const MAX_BATCH: usize = 128;
+
+type ReplyTx = oneshot::Sender<Result<Reply, LedgerError>>;
+
+pub(super) struct Command {
+    pub(super) op: Op,
+    pub(super) reply: ReplyTx,
+}
+
+pub(super) struct Writer {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+}
+
+impl Writer {
+    pub(super) fn new(options: PgConnectOptions) -> Self {
+        Writer { options, conn: None }
+    }
+
+    /// Runs until every sender is dropped.
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            // Whatever queued up while the previous batch was committing goes in this one.
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(std::mem::take(&mut batch)).await;
+        }
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    async fn run_batch(&mut self, batch: Vec<Command>) {
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut commands = batch.into_iter();
+        let outcome = match self.connection().await {
+            Ok(conn) => transact(conn, &mut commands, &mut answers).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                for (reply, result) in answers {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                // Nothing of this transaction was kept: answers that said otherwise become the
+                // error, and the connection (broken or in an unknown state) is not used again.
+                tracing::error!(error = %e, commands = answers.len() + commands.len(), "ledger.commit_failed");
+                self.conn = None;
+                for (reply, result) in answers {
+                    let _ = reply.send(match result {
+                        Ok(_) => Err(copy_err(&e)),
+                        err => err,
+                    });
+                }
+                for cmd in commands {
+                    let _ = cmd.reply.send(Err(copy_err(&e)));
+                }
+            }
+        }
+    }
+
+    async fn connection(&mut self) -> Result<&mut PgConnection, LedgerError> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&self.options).await.map_err(db_err)?,
+        };
+        Ok(self.conn.insert(conn))
+    }
+}
+
+/// One transaction: the head lock, every command in its savepoint, the head row, COMMIT. An
+/// error answered here is fatal to the whole transaction; a command's own error is its answer.
+async fn transact(
+    conn: &mut PgConnection,
+    commands: &mut std::vec::IntoIter<Command>,
+    answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
+) -> Result<(), LedgerError> {
+    control(conn, "BEGIN").await?;
+    let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| LedgerError::Corrupt("audit_head: the row is missing".into()))?;
+    let seq: i64 = row.try_get(0).map_err(db_err)?;
+    let hash: String = row.try_get(1).map_err(db_err)?;
+    let start =
+        ChainHead { seq, hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt("audit_head.hash".into()))? };
+    let mut head = start;
+
+    for cmd in commands.by_ref() {
+        control(conn, "SAVEPOINT command").await?;
+        let before = head;
+        let result = {
+            let mut tx = Tx { conn: &mut *conn, head: &mut head };
+            // A panic in one command (a bug, never expected) fails that command alone.
+            AssertUnwindSafe(tx.apply(cmd.op))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(LedgerError::Unavailable("internal error in the ledger writer".into())))
+        };
+        if matches!(&result, Ok(applied) if applied.keep) {
+            control(conn, "RELEASE SAVEPOINT command").await?;
+        } else {
+            head = before;
+            control(conn, "ROLLBACK TO SAVEPOINT command").await?;
+            control(conn, "RELEASE SAVEPOINT command").await?;
+        }
+        answers.push((cmd.reply, result.map(|a| a.reply)));
+    }
+
+    if head != start {
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(head.seq)
+            .bind(hex::encode(head.hash))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    control(conn, "COMMIT").await
+}
+
+async fn control(conn: &mut PgConnection, sql: &'static str) -> Result<(), LedgerError> {
+    sqlx::raw_sql(sql).execute(conn).await.map(drop).map_err(db_err)
+}
