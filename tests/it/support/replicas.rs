@@ -107,7 +107,7 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("----- replica {} ({}), last lines -----\n{}", self.name, self.url, self.log_tail(40));
+            eprintln!("----- replica {} ({}), last lines -----\n{}", self.name, self.url, self.log_tail(60));
         }
     }
 }
@@ -126,13 +126,23 @@ pub struct Fleet {
 impl Fleet {
     /// `n` replicas on a fresh schema of the PostgreSQL database at `pg_url`, each ready.
     pub async fn start(n: usize, pg_url: &str) -> Fleet {
-        let fleet = Fleet::prepare(pg_url).await;
+        Fleet::start_with(n, pg_url, "").await
+    }
+
+    /// Like [`Fleet::start`], with `store_lines` added to the `[store]` table.
+    pub async fn start_with(n: usize, pg_url: &str, store_lines: &str) -> Fleet {
+        let fleet = Fleet::prepare_with(pg_url, store_lines).await;
         fleet.migrate();
         fleet.with_replicas(n).await
     }
 
     /// The files and a fresh schema, neither migrated nor served.
     pub async fn prepare(pg_url: &str) -> Fleet {
+        Fleet::prepare_with(pg_url, "").await
+    }
+
+    /// Like [`Fleet::prepare`], with `store_lines` added to the `[store]` table.
+    pub async fn prepare_with(pg_url: &str, store_lines: &str) -> Fleet {
         let issuer = TestIssuer::start().await;
         let dir = tempfile::tempdir().unwrap();
         let policies = dir.path().join("policies");
@@ -146,7 +156,7 @@ impl Fleet {
         latchkey::seal::generate_key_file(&dir.path().join("latchkey.key")).unwrap();
         let store = Store::postgres_schema(pg_url).await;
         let config = dir.path().join("latchkey.toml");
-        std::fs::write(&config, config_text(&issuer.url, &store.config_url())).unwrap();
+        std::fs::write(&config, config_text(&issuer.url, &store.config_url(), store_lines)).unwrap();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         Fleet { dir, issuer, store, config, replicas: Vec::new(), client }
     }
@@ -198,15 +208,15 @@ impl Fleet {
     }
 
     /// Replica `i`'s `/readyz`: its status and body; a 599 and the error when it did not answer
-    /// within 5 s.
+    /// within 10 s.
     pub async fn readyz(&self, i: usize) -> (StatusCode, Value) {
         let url = format!("{}/readyz", self.replicas[i].url);
-        match self.client.get(url).timeout(Duration::from_secs(5)).send().await {
+        match self.client.get(url).timeout(Duration::from_secs(10)).send().await {
             Ok(r) => {
                 let a = answer(r).await;
                 (a.status, a.body)
             }
-            Err(e) => (StatusCode::from_u16(599).unwrap(), json!({ "no answer": e.to_string() })),
+            Err(e) => (StatusCode::from_u16(599).unwrap(), json!({ "no answer": format!("{e:?}") })),
         }
     }
 
@@ -313,7 +323,7 @@ impl Fleet {
 }
 
 /// The configuration every replica of a fleet reads.
-fn config_text(issuer: &str, store_url: &str) -> String {
+fn config_text(issuer: &str, store_url: &str, store_lines: &str) -> String {
     format!(
         r#"
 [server]
@@ -322,6 +332,7 @@ audience = "{AUDIENCE}"
 
 [store]
 url = "{store_url}"
+{store_lines}
 
 [sealing]
 key_file = "latchkey.key"
