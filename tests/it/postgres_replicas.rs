@@ -616,7 +616,7 @@ async fn the_postgres_peer_behaves_as_the_tests_assume() {
     use crate::support::store::{Store, contains, truthy};
     let Some(pg) = postgres_run() else { return };
     let store = Store::postgres_schema(&pg).await;
-    let Store::Postgres { url } = &store else { unreachable!() };
+    let Store::Postgres { url, .. } = &store else { unreachable!() };
     assert!(url.contains("options[search_path]=lk_"), "{url}");
     store.execute("CREATE TABLE probe (id TEXT PRIMARY KEY, n BIGINT, ok BOOLEAN, blob BYTEA, at TEXT)").await;
     let schema = store.scalar("SELECT current_schema()").await;

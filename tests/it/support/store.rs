@@ -89,8 +89,9 @@ pub async fn create_schema(base_url: &str) -> String {
 pub enum Store {
     /// The SQLite file (its `-wal` file beside it).
     Sqlite { path: PathBuf },
-    /// A PostgreSQL URL whose `search_path` is the broker's schema.
-    Postgres { url: String },
+    /// A PostgreSQL URL whose `search_path` is the broker's schema, and a small pool on it
+    /// (connecting anew for every look costs more than the looks themselves).
+    Postgres { url: String, pool: sqlx::PgPool },
 }
 
 impl Store {
@@ -106,7 +107,12 @@ impl Store {
     /// A fresh schema in the PostgreSQL database at `base_url`.
     pub async fn postgres_schema(base_url: &str) -> Store {
         let schema = create_schema(base_url).await;
-        Store::Postgres { url: with_search_path(base_url, &schema) }
+        let url = with_search_path(base_url, &schema);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy(&url)
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        Store::Postgres { url, pool }
     }
 
     /// What `[store] url` says for this store (a SQLite path relative to the config's folder).
@@ -116,7 +122,7 @@ impl Store {
                 Some(name) => format!("sqlite://{}", name.to_string_lossy()),
                 None => format!("sqlite://{}", path.display()),
             },
-            Store::Postgres { url } => url.clone(),
+            Store::Postgres { url, .. } => url.clone(),
         }
     }
 
@@ -129,13 +135,11 @@ impl Store {
                 let (path, sql) = (path.clone(), sql.to_owned());
                 tokio::task::spawn_blocking(move || sqlite_query(&path, &sql)).await.unwrap()
             }
-            Store::Postgres { url } => {
-                let mut conn = pg_connect(url).await;
+            Store::Postgres { pool, .. } => {
                 let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                    .fetch_all(&mut conn)
+                    .fetch_all(pool)
                     .await
                     .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                conn.close().await.ok();
                 rows.iter().map(pg_row).collect()
             }
         }
@@ -155,15 +159,11 @@ impl Store {
                 .await
                 .unwrap()
             }
-            Store::Postgres { url } => {
-                let mut conn = pg_connect(url).await;
-                let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                conn.close().await.ok();
-                done.rows_affected()
-            }
+            Store::Postgres { pool, .. } => sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+                .execute(pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .rows_affected(),
         }
     }
 
@@ -191,13 +191,13 @@ impl Store {
                 out.extend(std::fs::read(PathBuf::from(wal)).unwrap_or_default());
                 out
             }
-            Store::Postgres { url } => {
-                let mut conn = pg_connect(url).await;
+            Store::Postgres { pool, .. } => {
+                let mut conn = pool.acquire().await.unwrap();
                 let tables: Vec<String> = sqlx::raw_sql(
                     "SELECT table_name::text FROM information_schema.tables \
                      WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1",
                 )
-                .fetch_all(&mut conn)
+                .fetch_all(&mut *conn)
                 .await
                 .unwrap()
                 .iter()
@@ -208,7 +208,7 @@ impl Store {
                 for table in tables {
                     out.extend_from_slice(format!("-- {table}\n").as_bytes());
                     let sql = format!("SELECT * FROM \"{table}\"");
-                    for row in sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut conn).await.unwrap() {
+                    for row in sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *conn).await.unwrap() {
                         for i in 0..row.columns().len() {
                             let raw = row.try_get_raw(i).unwrap();
                             if raw.is_null() {
@@ -227,7 +227,6 @@ impl Store {
                         out.push(b'\n');
                     }
                 }
-                conn.close().await.ok();
                 out
             }
         }
@@ -246,10 +245,6 @@ pub fn truthy(v: &Value) -> bool {
 /// Whether `needle` occurs anywhere in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-async fn pg_connect(url: &str) -> sqlx::PgConnection {
-    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
 }
 
 /// A row of a simple-protocol query, where PostgreSQL sends every value as text.
