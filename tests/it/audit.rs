@@ -156,11 +156,11 @@ async fn snapshot(t: &TestApp, name: &str) -> Store {
 }
 
 /// The same edit of one event's body wherever it is made: `pr-reviewer` becomes `pr-helper`.
-const EDIT: &str = "UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper')";
+pub(crate) const EDIT: &str = "UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper')";
 
 /// Rewrites event `seq` of a store and recomputes every later hash: what someone with write
 /// access to the database, but not the checkpoint key, can do.
-async fn rewrite_and_recompute(store: &Store, seq: i64) {
+pub(crate) async fn rewrite_and_recompute(store: &Store, seq: i64) {
     assert_eq!(store.execute(&format!("{EDIT} WHERE seq = {seq}")).await, 1);
     let prev = store.scalar(&format!("SELECT prev_hash FROM audit_events WHERE seq = {seq}")).await;
     let mut prev = hex::decode(prev.as_str().unwrap()).unwrap();
@@ -189,7 +189,7 @@ fn latchkey(args: &[&str], cwd: &Path) -> (bool, String) {
 }
 
 /// The first event of the log that mentions the `pr-reviewer` agent.
-async fn first_pr_event(store: &Store) -> i64 {
+pub(crate) async fn first_pr_event(store: &Store) -> i64 {
     store.count("SELECT min(seq) FROM audit_events WHERE body LIKE '%pr-reviewer%'").await
 }
 

@@ -645,3 +645,45 @@ async fn the_postgres_peer_behaves_as_the_tests_assume() {
     cluster.start_server();
     assert_eq!(own.count("SELECT n FROM t").await, 1);
 }
+
+/// `latchkey audit verify --store postgres://…` checks a live PostgreSQL store without a server,
+/// as the SQLite tests do on a copy of the file: intact it passes; an edit whose later hashes
+/// were all recomputed is caught by the checkpoint signed before it.
+#[tokio::test]
+async fn audit_verify_offline_reads_a_postgres_store_and_catches_a_recomputed_rewrite() {
+    use crate::audit::{first_pr_event, rewrite_and_recompute};
+    use crate::support::test_app::{ADMIN_KEY, TestApp};
+    if postgres_run().is_none() {
+        return;
+    }
+    let t = TestApp::builder().checkpoint_key().start().await;
+    for _ in 0..2 {
+        let a = t.exchange(&t.token(crate::support::replicas::pr_claims()), "pr-review").await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let cp = t.post_json("/v1/audit/checkpoints", Some(ADMIN_KEY), &json!({})).await;
+    assert_eq!(cp.status, StatusCode::CREATED, "{}", cp.text);
+    let cp_seq = cp.body["seq"].as_i64().unwrap();
+    let url = t.store().config_url();
+    let verify = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .args(["audit", "verify", "--store", &url, "--key-file", "checkpoint.key", "--json"])
+            .current_dir(t.dir.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {text}"));
+        (out.status.success(), report)
+    };
+    let (ok, report) = verify();
+    assert!(ok && report["ok"] == true, "{report}");
+    assert!(report["checkpoints_checked"].as_i64().unwrap() >= 1, "{report}");
+
+    let target = first_pr_event(t.store()).await;
+    rewrite_and_recompute(t.store(), target).await;
+    let (ok, report) = verify();
+    assert!(!ok, "{report}");
+    let problems = report["problems"].as_array().unwrap();
+    assert!(problems.iter().any(|p| p["kind"] == "rewritten" && p["seq"] == cp_seq), "{report}");
+}
