@@ -32,7 +32,7 @@ use crate::issuer::{Issuer, TOKEN_LIFETIME_SECS};
 use crate::report::{RunInfo, Targets};
 use crate::server::Server;
 
-/// Measure `POST /v1/token` on a local `latchkey serve` (jwt backend, SQLite ledger).
+/// Measure `POST /v1/token` on a local `latchkey serve` (jwt backend, SQLite or PostgreSQL ledger).
 #[derive(Debug, Parser)]
 #[command(name = "latchkey-bench", version)]
 struct Args {
@@ -40,6 +40,10 @@ struct Args {
     /// the same profile].
     #[arg(long, value_name = "PATH")]
     latchkey: Option<PathBuf>,
+    /// The store: the SQLite ledger in the working directory, or a PostgreSQL URL (an empty
+    /// database or schema of the benchmark's own: it is migrated and written to).
+    #[arg(long, default_value = "sqlite://latchkey.db", value_name = "URL")]
+    store: String,
     /// Concurrent connections, each a closed loop (one request in flight).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
@@ -173,7 +177,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
     }
 
     let issuer = Issuer::start().await?;
-    let files = server::write_files(&dir, &issuer.url)?;
+    let files = server::write_files(&dir, &issuer.url, &args.store)?;
     eprintln!("issuer {}; latchkey will listen on {}", issuer.url, files.listen);
     server::migrate(&latchkey, &files).await?;
     let mut server = Server::start(&latchkey, &files).await?;
@@ -220,6 +224,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
 
     let info = RunInfo {
         latchkey: latchkey.display().to_string(),
+        store: args.store.split_once("://").map_or("?", |(scheme, _)| scheme).replace("postgresql", "postgres"),
         concurrency,
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),

@@ -212,11 +212,12 @@ peer_github_start() {
   log "GitHub OpenAPI description at $file"
 }
 
-# Installs the Python packages of tests/support/DIR into the virtual environment .cache/DIR,
+# pip_install_peer NAME [SRC]: installs the Python packages of SRC (requirements.txt, pinned by
+# constraints.txt; tests/support/NAME by default) into the virtual environment .cache/NAME,
 # unless the same requirements were installed completely before.
 pip_install_peer() {
   local dir=$1
-  local src="$ROOT/tests/support/$dir" venv="$CACHE/$dir"
+  local src=${2:-$ROOT/tests/support/$dir} venv="$CACHE/$dir"
   local stamp="$venv/.installed-requirements" # written only after a complete install
   command -v python3 >/dev/null || { log "python3 is not installed"; return 1; }
   if ! cat "$src/requirements.txt" "$src/constraints.txt" | cmp -s - "$stamp"; then
@@ -386,14 +387,46 @@ start_peers() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# The Helm chart
+
+# charts/latchkey: lint, render for the default values and each charts/latchkey/ci/*-values.yaml,
+# validate every object against the Kubernetes schemas, and run the rendered latchkey.toml
+# through the binary's own loader (tests/chart/test_chart.py). Its packages install into
+# .cache/chart like a peer's: when they cannot, the step fails under LATCHKEY_REQUIRE_PEERS=1 and
+# is skipped with a notice otherwise.
+run_chart_test() {
+  if ! pip_install_peer chart "$ROOT/tests/chart"; then
+    if [[ $REQUIRE_PEERS == 1 ]]; then
+      log "the chart test's packages could not be installed (LATCHKEY_REQUIRE_PEERS=1)"
+      return 1
+    fi
+    log "NOTICE: the chart test's packages could not be installed; the chart is not tested"
+    log "NOTICE: set LATCHKEY_REQUIRE_PEERS=1 to make this an error"
+    return 0
+  fi
+  local target
+  target=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  LATCHKEY_BIN="$target/debug/latchkey" \
+    "$CACHE/chart/bin/python" -m unittest discover -s "$ROOT/tests/chart" -t "$ROOT/tests/chart" -v
+}
+
+# ---------------------------------------------------------------------------------------------
 # Rust checks
 
+# Builds the test binaries, and with them the latchkey binary the chart test runs. The tests step
+# builds exactly this (dev-dependency features included), so nothing is compiled twice.
+build_tests() {
+  cargo test --workspace --no-run
+}
+
 # Tests that are about SQLite by nature (its file, its lock, offline checks of a copy) carry
-# `sqlite` in their names; tests that only mean something with several replicas on PostgreSQL
-# live in `postgres_replicas`. `cli` and `peer_smoke` never touch the store under test (the CLI
-# tests run `latchkey init` configs, which are SQLite), so one run of them is enough.
+# `sqlite` in their names; tests that only mean something on PostgreSQL live in
+# `postgres_replicas` (whole processes) and `postgres_store` (the ledger itself). `cli` and
+# `peer_smoke` never touch the store under test (the CLI tests run `latchkey init` configs, which
+# are SQLite), so one run of them is enough.
 SQLITE_ONLY='test(/sqlite/) | test(/^cli::/) | test(/^peer_smoke::/)'
-POSTGRES_ONLY='test(/^postgres_replicas::/)'
+POSTGRES_ONLY='test(/^postgres_(replicas|store)::/)'
 
 # run_store STORE: the tests of one store. SQLite's run also takes the unit tests and the
 # doctests; PostgreSQL's only the integration suite, which is all that uses a store.
@@ -474,5 +507,7 @@ step "cargo fmt" cargo fmt --all -- --check
 step "one crypto provider" one_crypto_provider
 step "peers" start_peers
 step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "build" build_tests
+step "helm chart" run_chart_test
 step "tests" run_tests
 printf '\ntest.sh: all checks passed (%ss)\n' "$SECONDS" >&2

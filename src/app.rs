@@ -81,6 +81,11 @@ pub struct App {
     pub admin_keys: Swap<AdminKeys>,
     /// The admin identity provider (`[admin_oidc]`), if any; replaced on SIGHUP like the keys.
     pub admin_oidc: Swap<Option<AdminOidc>>,
+    /// `[limits] per_ip`: the per-source-address limit of `/v1/token`, if configured.
+    pub per_ip: Option<crate::http::ip_limit::IpLimiter>,
+    /// One gate per backend: at most `[limits] backend_concurrency` mint calls in flight each,
+    /// so a slow backend holds up its own exchanges, not the broker.
+    pub backend_slots: HashMap<BackendKind, Arc<tokio::sync::Semaphore>>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Wakes the job worker before its next tick: a kill or a revocation request has just

@@ -16,12 +16,12 @@ use crate::audit::{AuditEvent, format_time};
 use crate::backend::{BackendError, MintRequest, Minted, SecretFields};
 use crate::kill::KillSubject;
 use crate::ledger::{
-    Abort, Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, JobKind, NewJob,
-    SpentJti,
+    Abort, Activate, Activation, ActiveLimit, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle,
+    JobKind, NewJob, SpentJti,
 };
-use crate::metrics::ExchangeLabels;
+use crate::metrics::{ExchangeLabels, LimitLabels};
 use crate::oidc::VerifiedClaims;
-use crate::policy::{AuthorizedGrant, BackendKind, Narrowing, Outcome};
+use crate::policy::{AuthorizedGrant, BackendKind, Limits, Narrowing, Outcome};
 
 /// Leeway granted on token times; a spent `jti` is kept until `exp` + this.
 const LEEWAY_SECONDS: i64 = 60;
@@ -77,6 +77,10 @@ pub enum ExchangeError {
     /// A backend or the store failed; nothing was left issued (`temporarily_unavailable`).
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of the policy (or the source address) was reached: try again after `retry_after`
+    /// (`slow_down`, 429).
+    #[error("{message}")]
+    SlowDown { message: String, retry_after: std::time::Duration },
 }
 
 impl ExchangeError {
@@ -86,6 +90,7 @@ impl ExchangeError {
             ExchangeError::InvalidGrant(_) => "invalid_grant",
             ExchangeError::AccessDenied(_) => "access_denied",
             ExchangeError::Unavailable(_) => "temporarily_unavailable",
+            ExchangeError::SlowDown { .. } => "slow_down",
         }
     }
 }
@@ -127,8 +132,8 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     let decision = app.policies.get().decide(&req.capability, &claims, req.narrow.as_ref());
     row.trace = serde_json::to_value(&decision.trace).unwrap_or(Value::Null);
     row.policy_sha256 = decision.policy_sha256.clone();
-    let (agent, ttl, grants) = match decision.outcome {
-        Outcome::Allow { agent, ttl, grants } => (agent, ttl, grants),
+    let (agent, ttl, grants, limits) = match decision.outcome {
+        Outcome::Allow { agent, ttl, grants, limits } => (agent, ttl, grants, limits),
         Outcome::Deny(reason) => {
             let err = ExchangeError::AccessDenied(reason.public_message().to_owned());
             return Err(refuse(app, row, err, format!("policy: {}", json!(reason).as_str().unwrap_or("denied"))).await);
@@ -145,6 +150,20 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
         return Err(refuse(app, row, err, format!("kill rule {}", rule.id)).await);
     }
+
+    // The policy's limits, after the kill check (a killed identity hears 403, not "wait"). Rates
+    // are counted in the store, so across replicas; `max_active` is checked again, binding, at
+    // activation.
+    if let Some((err, reason, limit)) = over_limit(app, &req.capability, &subject, &limits, now).await? {
+        let labels = LimitLabels { capability: req.capability.clone(), limit: limit.to_owned() };
+        app.metrics.limits_hit.get_or_create(&labels).inc();
+        return Err(refuse(app, row, err, reason).await);
+    }
+    let max_active = limits.max_active.map(|limit| ActiveLimit {
+        agent: agent.clone(),
+        repository: subject.repository.clone(),
+        limit,
+    });
 
     // Step 5: record intent, durably, before any backend is called. Grants whose backends keep
     // no state outside latchkey (jwt) need none: steps 5 to 7 then commit as one transaction.
@@ -174,7 +193,10 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
                     now,
                     expires_at: credential.expires_at,
                 };
-                backend.mint(request).await
+                match backend_slot(app, grant.spec.backend()).await {
+                    Ok(_slot) => backend.mint(request).await,
+                    Err(e) => Err(e),
+                }
             }
             None => Err(BackendError::Unavailable {
                 backend: grant.spec.backend(),
@@ -232,8 +254,16 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         .collect();
     let mut subject = subject;
     subject.credentials = pending.iter().map(|c| c.id).collect();
-    let activation =
-        Activate { exchange_id: row.id, now, seen_kill_epoch: kills.state.epoch, subject, jti: spent_jti, jobs, event };
+    let activation = Activate {
+        exchange_id: row.id,
+        now,
+        seen_kill_epoch: kills.state.epoch,
+        subject,
+        jti: spent_jti,
+        max_active,
+        jobs,
+        event,
+    };
     let activated = if local {
         let issued: Vec<CredentialRow> = minted
             .iter()
@@ -255,6 +285,14 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
                 None => "a kill rule marked the credentials during the exchange".into(),
             };
             let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
+            return Err(abort(app, &row, local, minted, ExchangeState::Denied, (err, reason)).await);
+        }
+        Ok(Activation::Limited { live }) => {
+            let labels = LimitLabels { capability: req.capability.clone(), limit: "max_active".into() };
+            app.metrics.limits_hit.get_or_create(&labels).inc();
+            let err = slow_down(std::time::Duration::from_secs(1));
+            let reason =
+                format!("limit max_active {}: {live} live exchanges at activation", limits.max_active.unwrap_or(0));
             return Err(abort(app, &row, local, minted, ExchangeState::Denied, (err, reason)).await);
         }
         Ok(Activation::Replay) => {
@@ -305,7 +343,11 @@ async fn refuse(app: &App, mut row: ExchangeRow, err: ExchangeError, reason: Str
     event.decision = Some("denied".into());
     event.reason = Some(reason);
     event.detail = Some(json!({ "error": err.code(), "trace": row.trace }));
-    let decision = if matches!(err, ExchangeError::AccessDenied(_)) { "denied" } else { "invalid" };
+    let decision = match err {
+        ExchangeError::AccessDenied(_) => "denied",
+        ExchangeError::SlowDown { .. } => "limited",
+        _ => "invalid",
+    };
     app.metrics.exchanges.get_or_create(&labels(row.capability.as_deref().unwrap_or(""), decision)).inc();
     if let Err(e) = app.ledger.record_refusal(&row, event).await {
         // The caller is refused either way; a refusal that could not be recorded is loud.
@@ -390,6 +432,74 @@ async fn fresh_kills(app: &App) -> Result<Arc<KillSnapshot>, ExchangeError> {
     };
     tracing::error!(error, age_ms = kills.age().as_millis() as u64, "exchange.kill_rules_stale");
     Err(ExchangeError::Unavailable("kill rules cannot be confirmed fresh; nothing was issued".into()))
+}
+
+/// The first limit of `limits` this exchange would pass: the error, the reason for the audit
+/// trail and the limit's name. `max_active` is read first (it charges nothing), then the rates,
+/// the identity's before the capability's.
+async fn over_limit(
+    app: &App,
+    capability: &str,
+    subject: &KillSubject,
+    limits: &Limits,
+    now: DateTime<Utc>,
+) -> Result<Option<(ExchangeError, String, &'static str)>, ExchangeError> {
+    if let Some(max) = limits.max_active {
+        let live = app
+            .ledger
+            .live_count(&subject.agent, subject.repository.as_deref(), now)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if live.exchanges >= u64::from(max) {
+            // The first of them to end frees a place.
+            let wait = live.first_end.and_then(|t| (t - now).to_std().ok()).unwrap_or_default();
+            let reason = format!("limit max_active {max}: {} live exchanges", live.exchanges);
+            return Ok(Some((slow_down(wait), reason, "max_active")));
+        }
+    }
+    let repository = subject.repository.as_deref().unwrap_or("");
+    let buckets = [
+        (
+            "per_identity",
+            limits.per_identity,
+            format!("identity\u{1f}{capability}\u{1f}{}\u{1f}{repository}", subject.agent),
+        ),
+        ("per_capability", limits.per_capability, format!("capability\u{1f}{capability}")),
+    ];
+    for (name, rate, key) in buckets {
+        let Some(rate) = rate else { continue };
+        let wait =
+            app.ledger.take_rate(&key, now, rate.interval(), rate.tolerance()).await.map_err(|e| unavailable(&e))?;
+        if let Some(wait) = wait {
+            return Ok(Some((slow_down(wait), format!("limit {name} {rate}"), name)));
+        }
+    }
+    Ok(None)
+}
+
+/// A place among the backend's calls in flight (`[limits] backend_concurrency`). Waiting is
+/// bounded by the outbound timeout: a backend that is slow for everyone fails its own exchanges
+/// with 503 instead of piling them up.
+async fn backend_slot(app: &App, kind: BackendKind) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BackendError> {
+    let Some(slots) = app.backend_slots.get(&kind) else { return Ok(None) };
+    match tokio::time::timeout(app.config.limits.outbound_timeout, slots.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(Some(permit)),
+        _ => Err(BackendError::Unavailable {
+            backend: kind,
+            message: format!(
+                "{} calls already in flight; none finished in time",
+                app.config.limits.backend_concurrency
+            ),
+        }),
+    }
+}
+
+/// A limit's refusal: the caller learns how long to wait, never which limit of which policy.
+fn slow_down(wait: std::time::Duration) -> ExchangeError {
+    ExchangeError::SlowDown {
+        message: "too many exchanges for this identity; retry later".into(),
+        retry_after: wait.max(std::time::Duration::from_secs(1)),
+    }
 }
 
 /// How long an exchange waits to re-read stale kill rules before it fails closed.

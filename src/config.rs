@@ -94,7 +94,8 @@ pub struct StoreConfig {
     /// is a transaction left idle that long.
     #[serde(default = "default_statement_timeout", with = "humantime_serde_compat")]
     pub statement_timeout: Duration,
-    /// PostgreSQL: how long to wait for a connection.
+    /// PostgreSQL: how long to wait for a connection, new or from the pool; while the store is
+    /// down, exchanges and `/readyz` answer 503 after this long.
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
 }
@@ -108,7 +109,7 @@ fn default_statement_timeout() -> Duration {
 }
 
 fn default_connect_timeout() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(1)
 }
 
 impl Default for StoreConfig {
@@ -411,6 +412,16 @@ pub struct LimitsConfig {
     /// Concurrent revocation jobs.
     #[serde(default = "default_job_concurrency")]
     pub job_concurrency: usize,
+    /// Exchanges per source address (`"600/minute"`), counted by each replica in memory; none
+    /// by default.
+    #[serde(default, deserialize_with = "rate_opt")]
+    pub per_ip: Option<crate::policy::Rate>,
+    /// How many of `per_ip` may come at once (default: all of it).
+    pub per_ip_burst: Option<u32>,
+    /// Mint calls in flight per backend; an exchange waits for a place up to `outbound_timeout`,
+    /// then answers 503.
+    #[serde(default = "default_backend_concurrency")]
+    pub backend_concurrency: usize,
     /// Timeout of every outbound call (issuer discovery, JWKS, backends).
     #[serde(default = "default_outbound_timeout", with = "humantime_serde_compat")]
     pub outbound_timeout: Duration,
@@ -420,13 +431,28 @@ fn default_job_concurrency() -> usize {
     8
 }
 
+fn default_backend_concurrency() -> usize {
+    64
+}
+
+fn rate_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<crate::policy::Rate>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::policy::Rate::parse(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
 fn default_outbound_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { job_concurrency: default_job_concurrency(), outbound_timeout: default_outbound_timeout() }
+        Self {
+            job_concurrency: default_job_concurrency(),
+            per_ip: None,
+            per_ip_burst: None,
+            backend_concurrency: default_backend_concurrency(),
+            outbound_timeout: default_outbound_timeout(),
+        }
     }
 }
 
@@ -480,6 +506,12 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.server.audience.trim().is_empty() {
             return invalid("server.audience must not be empty".into());
+        }
+        if self.limits.per_ip_burst == Some(0) || self.limits.backend_concurrency == 0 {
+            return invalid("limits.per_ip_burst and limits.backend_concurrency must be at least 1".into());
+        }
+        if self.limits.per_ip_burst.is_some() && self.limits.per_ip.is_none() {
+            return invalid("limits.per_ip_burst needs limits.per_ip".into());
         }
         if self.server.header_read_timeout.is_zero() {
             return invalid("server.header_read_timeout must be more than zero".into());

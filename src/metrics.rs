@@ -10,8 +10,15 @@ use prometheus_client::registry::Registry;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExchangeLabels {
     pub capability: String,
-    /// `allowed`, `denied`, `invalid`, `failed`.
+    /// `allowed`, `denied`, `limited`, `invalid`, `failed`.
     pub decision: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub capability: String,
+    /// `per_identity`, `per_capability`, `max_active`, `per_ip`.
+    pub limit: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +37,8 @@ pub struct Metrics {
     registry: Registry,
     pub exchanges: Family<ExchangeLabels, Counter>,
     pub exchange_seconds: Histogram,
+    /// Exchanges refused by a limit, by capability and limit.
+    pub limits_hit: Family<LimitLabels, Counter>,
     pub jwks_refreshes: Family<IssuerLabels, Gauge>,
     pub jwks_refresh_failures: Family<IssuerLabels, Gauge>,
     pub issuer_up: Family<IssuerLabels, Gauge>,
@@ -54,6 +63,8 @@ impl Metrics {
         let buckets = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         let exchange_seconds = Histogram::new(buckets);
         registry.register("exchange_duration_seconds", "Time to answer a token exchange", exchange_seconds.clone());
+        let limits_hit = Family::<LimitLabels, Counter>::default();
+        registry.register("limits_hit", "Exchanges refused by a limit (429 slow_down)", limits_hit.clone());
         let jwks_refreshes = Family::<IssuerLabels, Gauge>::default();
         registry.register("jwks_refreshes", "JWKS fetches per issuer since start", jwks_refreshes.clone());
         let jwks_refresh_failures = Family::<IssuerLabels, Gauge>::default();
@@ -80,6 +91,7 @@ impl Metrics {
             registry,
             exchanges,
             exchange_seconds,
+            limits_hit,
             jwks_refreshes,
             jwks_refresh_failures,
             issuer_up,

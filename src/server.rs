@@ -178,6 +178,10 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         anyhow::anyhow!("policies in {} do not load:\n{}", policy_dir.display(), list.join("\n"))
     })?;
     let kill_state = ledger.kill_state(now).await.context("reading kill rules")?;
+    let backend_slots = backends
+        .keys()
+        .map(|k| (*k, Arc::new(tokio::sync::Semaphore::new(config.limits.backend_concurrency))))
+        .collect();
     let app = App {
         admin_keys: Swap::new(AdminKeys::new(&config.admin_keys)),
         admin_oidc: Swap::new(admin_oidc),
@@ -193,6 +197,11 @@ pub async fn build(config: Config, options: Options) -> anyhow::Result<AppState>
         sealer,
         metrics: Metrics::new(),
         jobs_wake: tokio::sync::Notify::new(),
+        per_ip: config.limits.per_ip.map(|mut rate| {
+            rate.burst = config.limits.per_ip_burst.unwrap_or(rate.count).min(rate.count);
+            crate::http::ip_limit::IpLimiter::new(rate)
+        }),
+        backend_slots,
         config,
     };
     Ok(AppState(Arc::new(app)))
@@ -323,7 +332,8 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
     let addr = listener.local_addr()?;
     let tls = config.server.tls_cert_file.is_some();
     let mut tasks = Vec::new();
-    let service = router.into_make_service();
+    // Handlers see the peer's address (`[limits] per_ip`).
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
     match (&config.server.tls_cert_file, &config.server.tls_key_file) {
         (Some(cert), Some(key)) => {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(config.resolve(cert), config.resolve(key))

@@ -17,6 +17,8 @@ pub struct Targets {
 #[derive(Debug)]
 pub struct RunInfo {
     pub latchkey: String,
+    /// The store's kind (`sqlite`, `postgres`): the URL's scheme, never the rest of it.
+    pub store: String,
     pub concurrency: usize,
     pub warmup_s: f64,
     pub duration_s: f64,
@@ -170,6 +172,7 @@ pub fn print_human(summary: &Summary, outcome: &Outcome, info: &RunInfo) {
         info.concurrency, info.duration_s, info.warmup_s
     );
     println!("  binary        {}", info.latchkey);
+    println!("  store         {}", info.store);
     println!(
         "  tokens        {} pre-minted (ES256) in {:.1} s; {} used",
         info.tokens_minted, info.mint_s, outcome.tokens_used
@@ -225,6 +228,7 @@ pub fn to_json(summary: &Summary, outcome: &Outcome, info: &RunInfo, targets: &T
     json!({
         "result": if summary.pass() { "PASS" } else { "FAIL" },
         "binary": info.latchkey,
+        "store": info.store,
         "concurrency": info.concurrency,
         "warmup_s": info.warmup_s,
         "duration_s": info.duration_s,
@@ -267,6 +271,7 @@ mod tests {
 
     fn info() -> RunInfo {
         RunInfo {
+            store: "sqlite".into(),
             latchkey: "target/release/latchkey".into(),
             concurrency: 16,
             warmup_s: 3.0,

@@ -45,7 +45,7 @@ pub struct Files {
 
 /// Writes `latchkey.toml`, the sealing key, the admin key (kept beside, for `--keep`) and the
 /// policy into `dir`.
-pub fn write_files(dir: &Path, issuer_url: &str) -> anyhow::Result<Files> {
+pub fn write_files(dir: &Path, issuer_url: &str, store: &str) -> anyhow::Result<Files> {
     let listen = free_port()?;
     let mut admin_raw = [0u8; 32];
     random(&mut admin_raw)?;
@@ -61,16 +61,17 @@ pub fn write_files(dir: &Path, issuer_url: &str) -> anyhow::Result<Files> {
     write_private(&dir.join("admin.key"), &format!("{admin_key}\n"))?;
 
     let config = dir.join("latchkey.toml");
-    std::fs::write(&config, render_config(listen, issuer_url, &admin_sha256))
+    std::fs::write(&config, render_config(listen, issuer_url, &admin_sha256, store))
         .with_context(|| format!("writing {}", config.display()))?;
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::write(dir.join("policies/bench.toml"), POLICY)?;
     Ok(Files { config, log: dir.join("latchkey.log"), migrate_log: dir.join("migrate.log"), listen })
 }
 
-/// The configuration: plain HTTP on loopback, the SQLite ledger beside it, the bench issuer with
+/// The configuration: plain HTTP on loopback, the store (`sqlite://latchkey.db`, the SQLite ledger
+/// beside it, by default), the bench issuer with
 /// single use on (the default, so every exchange spends a `jti` durably).
-pub fn render_config(listen: SocketAddr, issuer_url: &str, admin_sha256: &str) -> String {
+pub fn render_config(listen: SocketAddr, issuer_url: &str, admin_sha256: &str, store: &str) -> String {
     let s = |v: &str| serde_json::Value::from(v).to_string(); // a JSON string is a TOML basic string
     format!(
         r#"# Written by latchkey-bench.
@@ -79,7 +80,7 @@ listen = {listen}
 audience = {audience}
 
 [store]
-url = "sqlite://latchkey.db"
+url = {store}
 
 [sealing]
 key_file = "latchkey.key"
@@ -103,6 +104,7 @@ sha256 = {admin_sha256}
         audience = s(AUDIENCE),
         issuer = s(issuer_url),
         admin_sha256 = s(admin_sha256),
+        store = s(store),
     )
 }
 
@@ -238,7 +240,12 @@ mod tests {
 
     #[test]
     fn config_names_every_part_the_benchmark_relies_on() {
-        let text = render_config("127.0.0.1:4242".parse().expect("addr"), "http://127.0.0.1:5151", &"ab".repeat(32));
+        let text = render_config(
+            "127.0.0.1:4242".parse().expect("addr"),
+            "http://127.0.0.1:5151",
+            &"ab".repeat(32),
+            "sqlite://latchkey.db",
+        );
         for expected in [
             "listen = \"127.0.0.1:4242\"",
             "audience = \"https://latchkey.bench\"",
@@ -261,7 +268,7 @@ mod tests {
     fn files_are_written_with_private_secrets() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = write_files(dir.path(), "http://127.0.0.1:5151").expect("files");
+        let files = write_files(dir.path(), "http://127.0.0.1:5151", "sqlite://latchkey.db").expect("files");
         let key = std::fs::read_to_string(dir.path().join("latchkey.key")).expect("key");
         assert!(key.ends_with('\n'));
         let raw = base64::engine::general_purpose::STANDARD.decode(key.trim_end()).expect("base64");

@@ -189,7 +189,7 @@ pub(super) async fn explain(State(app): State<AppState>, req: Request) -> Respon
 /// A decision as JSON: what `/v1/explain` answers and `policy explain --json` prints.
 pub fn explain_body(d: &crate::policy::Decision) -> Value {
     let (decision, reason, grants) = match &d.outcome {
-        crate::policy::Outcome::Allow { agent, ttl, grants } => (
+        crate::policy::Outcome::Allow { agent, ttl, grants, .. } => (
             "allow",
             Value::Null,
             json!({

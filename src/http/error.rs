@@ -103,6 +103,12 @@ impl ApiError {
             ExchangeError::InvalidRequest(_) | ExchangeError::InvalidGrant(_) => StatusCode::BAD_REQUEST,
             ExchangeError::AccessDenied(_) => StatusCode::FORBIDDEN,
             ExchangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ExchangeError::SlowDown { retry_after, .. } => {
+                let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, e.code(), e.to_string(), request_id);
+                // Whole seconds, rounded up: a client that waits that long finds a place.
+                error.retry_after = Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0));
+                return error;
+            }
         };
         Self::new(status, e.code(), e.to_string(), request_id)
     }

@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod dev;
 pub mod error;
+pub mod ip_limit;
 mod kills;
 mod release;
 mod token;
@@ -101,7 +102,12 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
 /// Ready when the store answers, the policies are loaded and the kill rules are fresh. Issuer
 /// key health is reported, but one issuer's outage does not make every replica unready.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let store = app.ledger.ping().await;
+    // A probe gives up after a second (Kubernetes' default): a store that does not answer by
+    // then is down as far as readiness goes.
+    let store = match tokio::time::timeout(std::time::Duration::from_millis(800), app.ledger.ping()).await {
+        Ok(answer) => answer,
+        Err(_) => Err(crate::ledger::LedgerError::Unavailable("the store did not answer within 800ms".into())),
+    };
     let kills = app.kills.get();
     let kill_age_ms = i64::try_from(kills.age().as_millis()).unwrap_or(i64::MAX);
     let kills_fresh = kills.age() <= crate::server::KILL_FRESHNESS;

@@ -2,7 +2,9 @@
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
@@ -123,6 +125,13 @@ fn parse_request(form: TokenForm, request_id: &str) -> Result<ExchangeRequest, A
 pub(super) async fn exchange(State(app): State<AppState>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
+    // The source address's limit comes first: a flood is refused before its body is read.
+    if let (Some(limiter), Some(ConnectInfo(peer))) =
+        (app.per_ip.as_ref(), req.extensions().get::<ConnectInfo<SocketAddr>>())
+        && let Err(refusal) = limiter.check(peer.ip(), app.clock.now())
+    {
+        return per_ip_refused(&app, limiter.rate(), peer.ip(), refusal, &request_id);
+    }
     let (parts, body) = req.into_parts();
     let result = async {
         let body = read_body(body, &request_id).await?;
@@ -138,6 +147,38 @@ pub(super) async fn exchange(State(app): State<AppState>, req: Request) -> Respo
             e.into_response()
         }
     }
+}
+
+/// A request over `[limits] per_ip`: 429 with how long to wait, a metric every time and an audit
+/// event at most once a minute per address (written in the background: a flood must not wait on,
+/// or fill, the store).
+fn per_ip_refused(
+    app: &AppState,
+    rate: crate::policy::Rate,
+    ip: IpAddr,
+    refusal: super::ip_limit::Refusal,
+    request_id: &str,
+) -> Response {
+    let labels = crate::metrics::LimitLabels { capability: String::new(), limit: "per_ip".into() };
+    app.metrics.limits_hit.get_or_create(&labels).inc();
+    if refusal.audit {
+        let mut event = crate::audit::AuditEvent::new("limit.per_ip", app.clock.now());
+        event.request_id = Some(request_id.to_owned());
+        event.reason = Some(format!("source address over its limit of {rate}"));
+        event.detail =
+            Some(json!({ "address": ip.to_string(), "retry_after_ms": refusal.retry_after.as_millis() as u64 }));
+        let ledger = app.ledger.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ledger.append_event(event).await {
+                tracing::warn!(error = %e, "could not audit a per-address limit");
+            }
+        });
+    }
+    let e = broker::ExchangeError::SlowDown {
+        message: "too many requests from this address; retry later".into(),
+        retry_after: refusal.retry_after.max(std::time::Duration::from_secs(1)),
+    };
+    ApiError::from_exchange(e, request_id).into_response()
 }
 
 fn token_response(x: Exchanged) -> Response {

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use super::rows::{id, parse_time, ts, ts_opt};
 use super::{
-    Abort, Activate, Activation, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState, Handle, Job,
-    JobOutcome, KillEffect, LedgerError, NewJob, RevokeRequest, StoredKey, StoredKill,
+    Abort, Activate, Activation, ActiveLimit, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState,
+    Handle, Job, JobOutcome, KillEffect, LedgerError, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, canonical_body};
 use crate::kill::{KillRule, KillSubject};
@@ -180,8 +180,16 @@ pub(in crate::ledger) enum Op {
         seen_kill_epoch: i64,
         subject: KillSubject,
         jti: Option<(String, String, String, String)>,
+        max_active: Option<ActiveLimit>,
         jobs: Vec<JobParams>,
         event: EventParams,
+    },
+    /// One step of a rate bucket; answers [`Reply::Wait`].
+    TakeRate {
+        key: String,
+        now: DateTime<Utc>,
+        interval: std::time::Duration,
+        tolerance: std::time::Duration,
     },
     Abort {
         exchange_id: String,
@@ -270,6 +278,7 @@ impl Op {
             seen_kill_epoch: a.seen_kill_epoch,
             subject: a.subject,
             jti: a.jti.map(|j| (j.issuer, j.jti, j.capability, ts(j.keep_until))),
+            max_active: a.max_active,
             jobs: a.jobs.iter().map(JobParams::new).collect(),
             event: EventParams::new(&a.event),
         }
@@ -320,6 +329,7 @@ pub(in crate::ledger) enum Reply {
     Revokes(Vec<RevokeRequest>),
     Jobs(Vec<Job>),
     Count(u64),
+    Wait(Option<std::time::Duration>),
 }
 
 /// A command's answer and whether its changes stay.

@@ -170,6 +170,8 @@ pub struct Activate {
     /// What kill selectors are matched against.
     pub subject: KillSubject,
     pub jti: Option<SpentJti>,
+    /// The policy's `max_active`, if it sets one.
+    pub max_active: Option<ActiveLimit>,
     /// Jobs to enqueue with the activation (revoke at TTL end).
     pub jobs: Vec<NewJob>,
     pub event: AuditEvent,
@@ -184,6 +186,27 @@ pub enum Activation {
     },
     /// The `jti` was already spent for this capability; nothing was activated.
     Replay,
+    /// The identity already holds `max_active` live exchanges; nothing was activated.
+    Limited {
+        live: u64,
+    },
+}
+
+/// A policy's `max_active`: how many live exchanges one identity (agent + repository) may hold.
+/// Checked inside [`Ledger::activate`], serialized with every other activation (across replicas
+/// too), so concurrent exchanges cannot together pass it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveLimit {
+    pub agent: String,
+    pub repository: Option<String>,
+    pub limit: u32,
+}
+
+/// An identity's live exchanges: how many, and when the first of them ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveCount {
+    pub exchanges: u64,
+    pub first_end: Option<DateTime<Utc>>,
 }
 
 /// How a failed exchange ends (step 6, all-or-nothing).
@@ -557,7 +580,27 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError>;
     async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError>;
 
-    /// Deletes spent `jti`s past their `keep_until`.
+    /// One step of a rate limit's bucket `key` (GCRA, see [`crate::policy::limits`]): `None`
+    /// when the exchange may go (and the bucket is charged), else how long to wait. Kept in the
+    /// store, so a rate is counted across replicas.
+    async fn take_rate(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+        interval: std::time::Duration,
+        tolerance: std::time::Duration,
+    ) -> Result<Option<std::time::Duration>, LedgerError>;
+
+    /// The identity's live exchanges at `now` (an early, advisory check of `max_active`; the
+    /// binding one is inside [`Ledger::activate`]).
+    async fn live_count(
+        &self,
+        agent: &str,
+        repository: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<LiveCount, LedgerError>;
+
+    /// Deletes spent `jti`s past their `keep_until`, and rate buckets that have refilled.
     async fn prune(&self, now: DateTime<Utc>) -> Result<u64, LedgerError>;
 
     /// Whether the store answers (for `/readyz`).

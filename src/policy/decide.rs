@@ -163,6 +163,7 @@ fn evaluate(policy: &Policy, claims: &Claims, narrow: Option<&Narrowing>, trace:
     Outcome::Allow {
         agent: policy.agent.clone(),
         ttl,
+        limits: policy.limits,
         grants: grants
             .into_iter()
             .map(|(name, spec, ttl)| AuthorizedGrant { name, spec, ttl, _authorized: Authorized(()) })

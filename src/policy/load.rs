@@ -127,6 +127,8 @@ struct RawPolicy {
     exclude: toml::Table,
     #[serde(default)]
     grant: Vec<toml::Table>,
+    #[serde(default)]
+    limits: super::limits::RawLimits,
 }
 
 /// Loads one policy file; every problem found is returned, not only the first.
@@ -197,6 +199,7 @@ fn compile(
             None
         }
     });
+    let limits = raw.limits.compile(&mut errors);
     let matches = compile_rules("match", &raw.match_, &mut errors);
     let excludes = compile_rules("exclude", &raw.exclude, &mut errors);
 
@@ -243,6 +246,7 @@ fn compile(
             matches,
             excludes,
             condition,
+            limits,
         }),
         _ => Err(errors),
     }

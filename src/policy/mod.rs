@@ -266,7 +266,7 @@ impl DenyReason {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Allow { agent: String, ttl: Duration, grants: Vec<AuthorizedGrant> },
+    Allow { agent: String, ttl: Duration, grants: Vec<AuthorizedGrant>, limits: Limits },
     Deny(DenyReason),
 }
 
@@ -298,6 +298,8 @@ pub struct Policy {
     /// `[exclude]`, compiled: any rule matching denies.
     excludes: Vec<ClaimRule>,
     condition: Option<Condition>,
+    /// `[limits]`: rates and live exchanges per identity.
+    pub limits: Limits,
 }
 
 /// One key of `[match]` or `[exclude]`: a claim name and the patterns it may match (any of).
@@ -425,10 +427,12 @@ pub fn github_permission_table() -> Vec<(&'static str, Vec<&'static str>)> {
         .collect()
 }
 pub mod glob;
+pub mod limits;
 mod lint;
 mod load;
 mod table;
 
+pub use limits::{Limits, Rate};
 pub use table::{CaseResult, TableReport, run_table_tests};
 
 /// A claim's value as match patterns see it: strings as they are, numbers and booleans as their

@@ -605,7 +605,7 @@ actor = "dependabot[bot]"
 fn allows_a_matching_identity() {
     let set = review_set();
     let d = decide(&set, &with(json!({})));
-    let Outcome::Allow { agent, ttl, grants } = &d.outcome else { panic!("{d:?}") };
+    let Outcome::Allow { agent, ttl, grants, .. } = &d.outcome else { panic!("{d:?}") };
     assert_eq!(agent, "pr-reviewer");
     assert_eq!(*ttl, Duration::from_secs(900));
     assert_eq!(grants.len(), 1);

@@ -37,7 +37,7 @@ use super::rows::{id, ts};
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
-    LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    LedgerError, LiveCount, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -49,7 +49,8 @@ pub struct Settings {
     pub max_connections: u32,
     /// Any statement running longer is cancelled, and so is a transaction left idle that long.
     pub statement_timeout: Duration,
-    /// How long to wait for a connection, new or from the pool.
+    /// How long to wait for a connection, new or from the pool. Short by default: while the
+    /// store is down, every exchange and `/readyz` fail (503) after this long.
     pub connect_timeout: Duration,
 }
 
@@ -58,7 +59,7 @@ impl Default for Settings {
         Settings {
             max_connections: 10,
             statement_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -115,7 +116,7 @@ pub async fn open(url: &str, migrate: bool, settings: &Settings) -> Result<Arc<d
         sqlx::query_scalar("SELECT current_schema()::text").fetch_one(&pool).await.map_err(db_err)?;
 
     let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-    let writer = tokio::spawn(Writer::new(options).run(rx));
+    let writer = tokio::spawn(Writer::new(options, settings.connect_timeout, settings.statement_timeout).run(rx));
     let kill_changes = Arc::new(Notify::new());
     let listener = tokio::spawn(listen(pool.clone(), schema_name.clone(), kill_changes.clone()));
     tracing::info!(store = %shown, schema = %schema_name, "ledger.opened");
@@ -463,6 +464,28 @@ impl Ledger for PgLedger {
             Reply::Count(n) => Ok(n),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn take_rate(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Result<Option<Duration>, LedgerError> {
+        match self.write(Op::TakeRate { key: key.to_owned(), now, interval, tolerance }).await? {
+            Reply::Wait(wait) => Ok(wait),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn live_count(
+        &self,
+        agent: &str,
+        repository: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<LiveCount, LedgerError> {
+        read::live_count(&self.pool, agent, repository, now, None).await
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

@@ -19,8 +19,10 @@ use crate::ledger::rows::{
     self, id, job_columns, job_from_row, kill_rule_from_row, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
 };
 use crate::ledger::{
-    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest, StoredKill,
+    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest,
+    StoredKill,
 };
+use crate::policy::limits::gcra;
 
 /// The last event of the chain: its sequence number (0 before the first) and hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +64,18 @@ impl Tx<'_> {
                 // One savepoint holds both: a refused activation takes the intent rows with it.
                 self.insert_intent(&exchange, &credentials).await?;
                 match *activate {
-                    Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
-                        self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event).await
+                    Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
+                        self.activate(
+                            &exchange_id,
+                            now,
+                            seen_kill_epoch,
+                            &subject,
+                            jti.as_ref(),
+                            max_active.as_ref(),
+                            &jobs,
+                            &event,
+                        )
+                        .await
                     }
                     _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
                 }
@@ -86,8 +98,18 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
-                self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event).await
+            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
+                self.activate(
+                    &exchange_id,
+                    now,
+                    seen_kill_epoch,
+                    &subject,
+                    jti.as_ref(),
+                    max_active.as_ref(),
+                    &jobs,
+                    &event,
+                )
+                .await
             }
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event).await
@@ -167,8 +189,36 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Prune { now } => {
-                let n = self.exec(sqlx::query("DELETE FROM spent_jti WHERE keep_until < $1").bind(now)).await?;
+                let n = self.exec(sqlx::query("DELETE FROM spent_jti WHERE keep_until < $1").bind(&now)).await?;
+                // A bucket whose time has passed is as good as a new one.
+                self.exec(sqlx::query("DELETE FROM rate_limits WHERE tat < $1").bind(&now)).await?;
                 Ok(Applied::keep(Reply::Count(n)))
+            }
+            Op::TakeRate { key, now, interval, tolerance } => {
+                // Under the chain lock, so replicas take turns on a bucket.
+                let tat: Option<String> = sqlx::query_scalar("SELECT tat FROM rate_limits WHERE key = $1")
+                    .bind(&key)
+                    .fetch_optional(&mut *self.conn)
+                    .await
+                    .map_err(db_err)?;
+                let tat = tat
+                    .map(|t| rows::parse_time(&t).ok_or_else(|| rows::corrupt("rate_limits", "tat", "not a time")))
+                    .transpose()?;
+                match gcra(tat, now, interval, tolerance) {
+                    Ok(next) => {
+                        self.exec(
+                            sqlx::query(
+                                "INSERT INTO rate_limits (key, tat) VALUES ($1, $2) \
+                                 ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
+                            )
+                            .bind(key)
+                            .bind(ts(next)),
+                        )
+                        .await?;
+                        Ok(Applied::keep(Reply::Wait(None)))
+                    }
+                    Err(wait) => Ok(Applied::keep(Reply::Wait(Some(wait)))),
+                }
             }
         }
     }
@@ -295,6 +345,7 @@ impl Tx<'_> {
         seen_kill_epoch: i64,
         subject: &KillSubject,
         jti: Option<&(String, String, String, String)>,
+        max_active: Option<&ActiveLimit>,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -329,7 +380,17 @@ impl Tx<'_> {
             return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
         }
 
-        // (3) Single use, across replicas: the primary key makes a second spend a no-op.
+        // (3) The policy's max_active, judged with every other activation held off.
+        if let Some(limit) = max_active {
+            let live =
+                read::live_count(&mut *self.conn, &limit.agent, limit.repository.as_deref(), now, Some(exchange_id))
+                    .await?;
+            if live.exchanges >= u64::from(limit.limit) {
+                return Ok(Applied::undo(Reply::Activation(Activation::Limited { live: live.exchanges })));
+            }
+        }
+
+        // (4) Single use, across replicas: the primary key makes a second spend a no-op.
         if let Some((issuer, jti, capability, keep_until)) = jti {
             let n = self
                 .exec(
@@ -348,7 +409,7 @@ impl Tx<'_> {
             }
         }
 
-        // (4) Activate.
+        // (5) Activate.
         self.exec(
             sqlx::query("UPDATE credentials SET state = 'active' WHERE exchange_id = $1 AND state = 'pending'")
                 .bind(exchange_id),

@@ -15,7 +15,7 @@ use crate::ledger::rows::{
 };
 use crate::ledger::{
     Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCredential, StateFilter, StoredKey, StoredKill,
+    KillTarget, LedgerError, LiveCount, LiveCredential, StateFilter, StoredKey, StoredKill,
 };
 
 fn decode_all<T>(rows: Vec<PgRow>, decode: impl Fn(&PgRow) -> Result<T, LedgerError>) -> Result<Vec<T>, LedgerError> {
@@ -381,4 +381,30 @@ pub(super) async fn stream_position(pool: &PgPool, name: &str) -> Result<Option<
 #[allow(dead_code)]
 pub(super) async fn ping(conn: &mut PgConnection) -> Result<(), LedgerError> {
     sqlx::query("SELECT 1").execute(conn).await.map(drop).map_err(db_err)
+}
+
+/// The identity's live exchanges at `now`, other than `except`.
+pub(super) async fn live_count(
+    e: impl PgExecutor<'_>,
+    agent: &str,
+    repository: Option<&str>,
+    now: DateTime<Utc>,
+    except: Option<&str>,
+) -> Result<LiveCount, LedgerError> {
+    let (count, first_end): (i64, Option<String>) = sqlx::query_as(
+        "SELECT COUNT(DISTINCT exchange_id), MIN(expires_at) FROM credentials \
+         WHERE agent = $1 AND repository IS NOT DISTINCT FROM $2 AND state IN ('pending', 'active') \
+         AND expires_at > $3 AND ($4::text IS NULL OR exchange_id <> $4)",
+    )
+    .bind(agent)
+    .bind(repository)
+    .bind(ts(now))
+    .bind(except)
+    .fetch_one(e)
+    .await
+    .map_err(db_err)?;
+    let first_end = first_end
+        .map(|t| rows::parse_time(&t).ok_or_else(|| rows::corrupt("credentials", "expires_at", "not a time")))
+        .transpose()?;
+    Ok(LiveCount { exchanges: u64::try_from(count).unwrap_or(0), first_end })
 }

@@ -12,7 +12,10 @@ use crate::ledger::LedgerError;
 
 /// Every migration, in order; migration `i` (0-based) takes the schema to version `i + 1`. Never
 /// edit a released migration: add a new one.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_initial", include_str!("../../../migrations/postgres/0001_initial.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_initial", include_str!("../../../migrations/postgres/0001_initial.sql")),
+    ("0002_limits", include_str!("../../../migrations/postgres/0002_limits.sql")),
+];
 
 pub(super) fn latest() -> i64 {
     MIGRATIONS.len() as i64

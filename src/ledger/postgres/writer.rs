@@ -15,6 +15,7 @@
 //!   connection is dropped and opened again for the next batch.
 
 use std::panic::AssertUnwindSafe;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use sqlx::postgres::PgConnectOptions;
@@ -40,11 +41,16 @@ pub(super) struct Command {
 pub(super) struct Writer {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
+    /// How long connecting may take.
+    connect_timeout: Duration,
+    /// How long one transaction may take from BEGIN to COMMIT, measured here: the server's own
+    /// statement timeout cannot help when the network, not the server, stops answering.
+    batch_timeout: Duration,
 }
 
 impl Writer {
-    pub(super) fn new(options: PgConnectOptions) -> Self {
-        Writer { options, conn: None }
+    pub(super) fn new(options: PgConnectOptions, connect_timeout: Duration, statement_timeout: Duration) -> Self {
+        Writer { options, conn: None, connect_timeout, batch_timeout: statement_timeout * 3 }
     }
 
     /// Runs until every sender is dropped.
@@ -69,10 +75,14 @@ impl Writer {
     async fn run_batch(&mut self, batch: Vec<Command>) {
         let mut answers = Vec::with_capacity(batch.len());
         let mut commands = batch.into_iter();
-        let outcome = match self.connection().await {
-            Ok(conn) => transact(conn, &mut commands, &mut answers).await,
-            Err(e) => Err(e),
-        };
+        let mut outcome = self.try_batch(&mut commands, &mut answers).await;
+        if outcome.is_err() && answers.is_empty() && self.conn.is_some() {
+            // The kept connection failed before any command ran: PostgreSQL restarted, or closed
+            // it while idle. Nothing was written, so the batch runs again on a new connection
+            // instead of failing exchanges that a healthy server would take.
+            self.conn = None;
+            outcome = self.try_batch(&mut commands, &mut answers).await;
+        }
         match outcome {
             Ok(()) => {
                 for (reply, result) in answers {
@@ -97,10 +107,30 @@ impl Writer {
         }
     }
 
+    async fn try_batch(
+        &mut self,
+        commands: &mut std::vec::IntoIter<Command>,
+        answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
+    ) -> Result<(), LedgerError> {
+        let timeout = self.batch_timeout;
+        let conn = self.connection().await?;
+        match tokio::time::timeout(timeout, transact(conn, commands, answers)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Dropping the connection ends the transaction on the server's side too.
+                self.conn = None;
+                Err(LedgerError::Unavailable(format!("the store did not answer within {timeout:?}")))
+            }
+        }
+    }
+
     async fn connection(&mut self) -> Result<&mut PgConnection, LedgerError> {
         let conn = match self.conn.take() {
             Some(conn) => conn,
-            None => PgConnection::connect_with(&self.options).await.map_err(db_err)?,
+            None => tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&self.options))
+                .await
+                .map_err(|_| LedgerError::Unavailable(format!("no connection within {:?}", self.connect_timeout)))?
+                .map_err(db_err)?,
         };
         Ok(self.conn.insert(conn))
     }

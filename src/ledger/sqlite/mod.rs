@@ -37,7 +37,7 @@ use super::command::{CredentialParams, EventParams, ExchangeParams, JobParams, O
 use super::{
     Abort, Activate, Activation, Checkpoint, CredentialQuery, CredentialRow, CredentialState, EventQuery,
     ExchangeQuery, ExchangeRow, Handle, Job, JobOutcome, KillEffect, KillPage, KillState, KillTarget, Ledger,
-    LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
+    LedgerError, LiveCount, LiveCredential, NewJob, RevokeRequest, StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
@@ -495,6 +495,29 @@ impl Ledger for SqliteLedger {
             Reply::Count(n) => Ok(n),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn take_rate(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+        interval: std::time::Duration,
+        tolerance: std::time::Duration,
+    ) -> Result<Option<std::time::Duration>, LedgerError> {
+        match self.write(Op::TakeRate { key: key.to_owned(), now, interval, tolerance }).await? {
+            Reply::Wait(wait) => Ok(wait),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn live_count(
+        &self,
+        agent: &str,
+        repository: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<LiveCount, LedgerError> {
+        let (agent, repository) = (agent.to_owned(), repository.map(str::to_owned));
+        self.readers.run(move |c| read::live_count(c, &agent, repository.as_deref(), now, None)).await
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

@@ -21,8 +21,10 @@ use crate::ledger::command::{
 };
 use crate::ledger::rows::{self, LiveExchange, LiveRow, id, ts, ts_opt};
 use crate::ledger::{
-    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest, StoredKill,
+    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, RevokeRequest,
+    StoredKill,
 };
+use crate::policy::limits::gcra;
 
 const INSERT_EXCHANGE: &str = concat!(
     "INSERT INTO exchanges (",
@@ -90,9 +92,16 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, jobs, event } => {
-                self.activate(&exchange_id, now, seen_kill_epoch, &subject, jti.as_ref(), &jobs, &event)
-            }
+            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => self.activate(
+                &exchange_id,
+                now,
+                seen_kill_epoch,
+                &subject,
+                jti.as_ref(),
+                max_active.as_ref(),
+                &jobs,
+                &event,
+            ),
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event)
             }
@@ -150,8 +159,27 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Prune { now } => {
-                let n = exec(self.conn, "DELETE FROM spent_jti WHERE keep_until < ?1", [now])?;
+                let n = exec(self.conn, "DELETE FROM spent_jti WHERE keep_until < ?1", [&now])?;
+                // A bucket whose time has passed is as good as a new one.
+                exec(self.conn, "DELETE FROM rate_limits WHERE tat < ?1", [&now])?;
                 Ok(Applied::keep(Reply::Count(n as u64)))
+            }
+            Op::TakeRate { key, now, interval, tolerance } => {
+                let tat = query_opt(self.conn, "SELECT tat FROM rate_limits WHERE key = ?1", [&key], |r| {
+                    codec::Cols::new(r, "rate_limits").time(0, "tat")
+                })?;
+                match gcra(tat, now, interval, tolerance) {
+                    Ok(next) => {
+                        exec(
+                            self.conn,
+                            "INSERT INTO rate_limits (key, tat) VALUES (?1, ?2) \
+                             ON CONFLICT (key) DO UPDATE SET tat = excluded.tat",
+                            params![key, ts(next)],
+                        )?;
+                        Ok(Applied::keep(Reply::Wait(None)))
+                    }
+                    Err(wait) => Ok(Applied::keep(Reply::Wait(Some(wait)))),
+                }
             }
         }
     }
@@ -254,6 +282,7 @@ impl Tx<'_> {
         seen_kill_epoch: i64,
         subject: &KillSubject,
         jti: Option<&(String, String, String, String)>,
+        max_active: Option<&ActiveLimit>,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -289,7 +318,16 @@ impl Tx<'_> {
             return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
         }
 
-        // (3) Single use: the binding check. The primary key makes a second spend a no-op.
+        // (3) The policy's max_active, judged with every other activation held off.
+        if let Some(limit) = max_active {
+            let live =
+                super::read::live_count(self.conn, &limit.agent, limit.repository.as_deref(), now, Some(exchange_id))?;
+            if live.exchanges >= u64::from(limit.limit) {
+                return Ok(Applied::undo(Reply::Activation(Activation::Limited { live: live.exchanges })));
+            }
+        }
+
+        // (4) Single use: the binding check. The primary key makes a second spend a no-op.
         if let Some((issuer, jti, capability, keep_until)) = jti {
             let n = exec(
                 self.conn,
@@ -302,7 +340,7 @@ impl Tx<'_> {
             }
         }
 
-        // (4) Activate.
+        // (5) Activate.
         exec(
             self.conn,
             "UPDATE credentials SET state = 'active' WHERE exchange_id = ?1 AND state = 'pending'",

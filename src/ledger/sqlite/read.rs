@@ -21,7 +21,7 @@ use crate::audit::StoredEvent;
 use crate::kill::Selector;
 use crate::ledger::{
     Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCredential, StateFilter, StoredKey, StoredKill,
+    KillTarget, LedgerError, LiveCount, LiveCredential, StateFilter, StoredKey, StoredKill,
 };
 
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -386,4 +386,29 @@ pub(super) fn stream_position(conn: &Connection, name: &str) -> Result<Option<i6
     query_opt(conn, "SELECT seq FROM audit_stream_positions WHERE name = ?1", [name], |r| {
         Cols::new(r, "audit_stream_positions").int(0, "seq")
     })
+}
+
+/// The identity's live exchanges at `now`, other than `except`.
+pub(super) fn live_count(
+    conn: &Connection,
+    agent: &str,
+    repository: Option<&str>,
+    now: DateTime<Utc>,
+    except: Option<&str>,
+) -> Result<LiveCount, LedgerError> {
+    query_opt(
+        conn,
+        "SELECT COUNT(DISTINCT exchange_id), MIN(expires_at) FROM credentials \
+         WHERE agent = ?1 AND repository IS ?2 AND state IN ('pending', 'active') AND expires_at > ?3 \
+         AND (?4 IS NULL OR exchange_id <> ?4)",
+        params![agent, repository, ts(now), except],
+        |r| {
+            let c = Cols::new(r, "credentials");
+            Ok(LiveCount {
+                exchanges: u64::try_from(c.int(0, "count")?).unwrap_or(0),
+                first_end: c.opt_time(1, "expires_at")?,
+            })
+        },
+    )
+    .map(|n| n.unwrap_or(LiveCount { exchanges: 0, first_end: None }))
 }

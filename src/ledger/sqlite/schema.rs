@@ -16,6 +16,7 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_initial", include_str!("../../../migrations/sqlite/0001_initial.sql")),
     ("0002_kill_switch", include_str!("../../../migrations/sqlite/0002_kill_switch.sql")),
     ("0003_audit", include_str!("../../../migrations/sqlite/0003_audit.sql")),
+    ("0004_limits", include_str!("../../../migrations/sqlite/0004_limits.sql")),
 ];
 
 pub(super) fn latest() -> i64 {

@@ -108,6 +108,7 @@ fn activation(exchange: &ExchangeRow, credentials: &[CredentialRow], seen_kill_e
             capability: "pr-review".into(),
             keep_until: t0() + Duration::minutes(10),
         }),
+        max_active: None,
         jobs: credentials
             .iter()
             .map(|c| NewJob {

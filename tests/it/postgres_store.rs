@@ -1,0 +1,233 @@
+//! The PostgreSQL ledger as several replicas see it: two `Ledger`s opened on one database, as two
+//! `latchkey serve` processes would, writing at the same time. (Whole processes are driven in
+//! `postgres_replicas`.) Each test works in a schema of its own.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use latchkey::audit::{AuditEvent, GENESIS_HASH, verify_chain};
+use latchkey::kill::KillSubject;
+use latchkey::ledger::postgres::Settings;
+use latchkey::ledger::{
+    Activate, Activation, CredentialRow, CredentialState, ExchangeRow, ExchangeState, JobKind, Ledger, LedgerError,
+    NewJob, SpentJti,
+};
+use latchkey::policy::BackendKind;
+use serde_json::json;
+use sqlx::Connection;
+use uuid::Uuid;
+
+use crate::support::peers::peer_var;
+
+/// A fresh schema in the run's database; `None` (the test skips) without the PostgreSQL peer.
+async fn schema_url() -> Option<String> {
+    let base = peer_var("LATCHKEY_TEST_PG_URL", "PostgreSQL")?;
+    let schema = format!("lk_{}", Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&base).await.expect("the PostgreSQL peer answers");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.unwrap();
+    Some(format!("{base}?options[search_path]={schema}"))
+}
+
+async fn replicas(url: &str) -> (Arc<dyn Ledger>, Arc<dyn Ledger>) {
+    let a = latchkey::ledger::open(url, true, &Settings::default()).await.unwrap();
+    let b = latchkey::ledger::open(url, false, &Settings::default()).await.unwrap();
+    (a, b)
+}
+
+/// A pending exchange with one pending jwt credential, as step 5 records it.
+fn intent(jti: &str) -> (ExchangeRow, CredentialRow, Activate) {
+    let now = Utc::now();
+    let exchange = ExchangeRow {
+        id: Uuid::now_v7(),
+        request_id: "req".into(),
+        created_at: now,
+        state: ExchangeState::Pending,
+        error: None,
+        reason: None,
+        issuer: Some("github-actions".into()),
+        subject: Some("repo:acme/widgets:ref:refs/heads/main".into()),
+        repository: Some("acme/widgets".into()),
+        workflow: None,
+        capability: Some("pr-review".into()),
+        agent: Some("pr-reviewer".into()),
+        claims: json!({"repository": "acme/widgets"}),
+        trace: json!([]),
+        policy_sha256: None,
+        release_token_sha256: None,
+        expires_at: Some(now + chrono::Duration::minutes(15)),
+    };
+    let credential = CredentialRow {
+        id: Uuid::now_v7(),
+        exchange_id: exchange.id,
+        name: "token".into(),
+        backend: BackendKind::Jwt,
+        state: CredentialState::Pending,
+        agent: "pr-reviewer".into(),
+        capability: "pr-review".into(),
+        issuer: "github-actions".into(),
+        subject: "repo:acme/widgets:ref:refs/heads/main".into(),
+        repository: Some("acme/widgets".into()),
+        workflow: None,
+        created_at: now,
+        expires_at: now + chrono::Duration::minutes(15),
+        fingerprint: Some("fp".into()),
+        handle: None,
+        revoke_requested: false,
+        revoked_at: None,
+    };
+    let activate = Activate {
+        exchange_id: exchange.id,
+        now,
+        seen_kill_epoch: 0,
+        subject: KillSubject {
+            agent: "pr-reviewer".into(),
+            capability: "pr-review".into(),
+            issuer: "github-actions".into(),
+            subject: "repo:acme/widgets:ref:refs/heads/main".into(),
+            repository: Some("acme/widgets".into()),
+            workflow: None,
+            claims: serde_json::Map::new(),
+            credentials: vec![credential.id],
+        },
+        jti: Some(SpentJti {
+            issuer: "github-actions".into(),
+            jti: jti.into(),
+            capability: "pr-review".into(),
+            keep_until: now + chrono::Duration::minutes(10),
+        }),
+        max_active: None,
+        jobs: Vec::new(),
+        event: AuditEvent::new("exchange.allowed", now),
+    };
+    (exchange, credential, activate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_writing_at_once_keep_one_unbroken_chain() {
+    let Some(url) = schema_url().await else { return };
+    let (a, b) = replicas(&url).await;
+    let mut writers = tokio::task::JoinSet::new();
+    for (name, ledger) in [("a", a.clone()), ("b", b.clone())] {
+        for i in 0..150 {
+            let ledger = ledger.clone();
+            writers.spawn(async move {
+                let mut e = AuditEvent::new("admin.call", Utc::now());
+                e.actor = Some(format!("replica-{name}-{i}"));
+                ledger.append_event(e).await
+            });
+        }
+        // Exchanges too: their events append in the same transactions as their rows.
+        for _ in 0..50 {
+            let ledger = ledger.clone();
+            writers.spawn(async move {
+                let (exchange, credential, activate) = intent(&Uuid::new_v4().to_string());
+                ledger.issue_local(&exchange, &[credential], activate).await.map(drop)
+            });
+        }
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let events = a.events(0, 10_000).await.unwrap();
+    assert_eq!(events.len(), 400, "every acknowledged write is on the chain once");
+    let head = verify_chain(GENESIS_HASH, 1, &events).expect("one chain, no fork, no gap");
+    assert_eq!(b.audit_head().await.unwrap(), (400, hex::encode(head)), "both replicas see the same head");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subject_token_is_spent_once_whichever_replica_sees_it() {
+    let Some(url) = schema_url().await else { return };
+    let (a, b) = replicas(&url).await;
+    for round in 0..20 {
+        let jti = format!("jti-{round}");
+        let (ea, ca, aa) = intent(&jti);
+        let (eb, cb, ab) = intent(&jti);
+        let (ca, cb) = ([ca], [cb]);
+        let (ra, rb) = tokio::join!(a.issue_local(&ea, &ca, aa), b.issue_local(&eb, &cb, ab));
+        let mut answers = [ra.unwrap(), rb.unwrap()];
+        answers.sort_by_key(|x| format!("{x:?}"));
+        assert_eq!(answers, [Activation::Activated, Activation::Replay], "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_job_is_claimed_by_exactly_one_replica() {
+    let Some(url) = schema_url().await else { return };
+    let (a, b) = replicas(&url).await;
+    let now = Utc::now();
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let (exchange, credential, activate) = intent(&format!("job-{i}"));
+        let job = NewJob {
+            id: Uuid::now_v7(),
+            kind: JobKind::Revoke,
+            credential_id: credential.id,
+            kill_id: None,
+            run_at: now - chrono::Duration::seconds(1),
+        };
+        expected.push(job.id);
+        assert_eq!(a.issue_local(&exchange, &[credential], activate).await.unwrap(), Activation::Activated);
+        a.enqueue_jobs(&[job]).await.unwrap();
+    }
+    let lease = now + chrono::Duration::minutes(2);
+    let claim = |ledger: Arc<dyn Ledger>| async move {
+        let mut mine = Vec::new();
+        loop {
+            let jobs = ledger.claim_jobs(now, 7, lease).await.unwrap();
+            if jobs.is_empty() {
+                return mine;
+            }
+            mine.extend(jobs.into_iter().map(|j| j.id));
+        }
+    };
+    let (by_a, by_b) = tokio::join!(claim(a.clone()), claim(b.clone()));
+    assert!(!by_a.is_empty() && !by_b.is_empty(), "both replicas worked: {} and {}", by_a.len(), by_b.len());
+    let mut all: Vec<Uuid> = by_a.iter().chain(&by_b).copied().collect();
+    all.sort();
+    let claimed = all.len();
+    all.dedup();
+    assert_eq!(claimed, all.len(), "no job was claimed twice");
+    expected.sort();
+    assert_eq!(all, expected, "every job was claimed");
+}
+
+#[tokio::test]
+async fn serve_refuses_an_unmigrated_or_newer_schema() {
+    let Some(url) = schema_url().await else { return };
+    let err = latchkey::ledger::open(&url, false, &Settings::default()).await.unwrap_err();
+    assert!(
+        matches!(&err, LedgerError::Schema(m) if m.contains("no latchkey schema") && m.contains("latchkey migrate")),
+        "{err}"
+    );
+    drop(latchkey::ledger::open(&url, true, &Settings::default()).await.unwrap());
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("UPDATE latchkey_schema SET version = 99").execute(&mut conn).await.unwrap();
+    let err = latchkey::ledger::open(&url, false, &Settings::default()).await.unwrap_err();
+    assert!(matches!(&err, LedgerError::Schema(m) if m.contains("newer latchkey")), "{err}");
+    let err = latchkey::ledger::open(&url, true, &Settings::default()).await.unwrap_err();
+    assert!(matches!(&err, LedgerError::Schema(m) if m.contains("newer latchkey")), "migrate refuses too: {err}");
+    assert!(!err.to_string().contains("options"), "the message names the database, not the URL: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_is_counted_across_replicas() {
+    let Some(url) = schema_url().await else { return };
+    let (a, b) = replicas(&url).await;
+    let now = Utc::now();
+    // 10 an hour in one burst, asked 40 times from two replicas at once: 10 go through.
+    let rate = latchkey::policy::Rate::parse("10/hour").unwrap();
+    let take = |ledger: Arc<dyn Ledger>| async move {
+        let mut allowed = 0;
+        for _ in 0..20 {
+            if ledger.take_rate("identity", now, rate.interval(), rate.tolerance()).await.unwrap().is_none() {
+                allowed += 1;
+            }
+        }
+        allowed
+    };
+    let (by_a, by_b) = tokio::join!(take(a.clone()), take(b.clone()));
+    assert_eq!(by_a + by_b, 10, "{by_a} on one replica, {by_b} on the other");
+    // The next place is one interval (6 minutes) after the burst; times are kept to the millisecond.
+    let wait = b.take_rate("identity", now, rate.interval(), rate.tolerance()).await.unwrap().unwrap();
+    assert!((359.0..=360.0).contains(&wait.as_secs_f64()), "{wait:?}");
+}
