@@ -37,11 +37,9 @@ fn cost_floor(c: &mut Criterion) {
     let verifier = Verifier::new(&config.issuers, AUDIENCE, Duration::from_secs(5), Arc::new(SystemClock))
         .expect("verifier")
         .with_key_source("github-actions", Arc::new(StaticKeySource::new(keys)));
-    let policies = PolicySet::load_dir(
-        &config.resolve(&config.policies.dir),
-        &latchkey::server::policy_context(&config),
-    )
-    .expect("the example policies load");
+    let policies =
+        PolicySet::load_dir(&config.resolve(&config.policies.dir), &latchkey::server::policy_context(&config))
+            .expect("the example policies load");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let overrides = serde_json::Map::from_iter([
         ("event_name".to_owned(), serde_json::json!("pull_request")),
