@@ -4,6 +4,11 @@
 #   scripts/test.sh                  everything
 #   scripts/test.sh -- FILTER...     the same checks; FILTER... goes to `cargo nextest run`
 #                                    (or `cargo test`), e.g. `-- peer_smoke`
+#   LATCHKEY_TEST_STORES=sqlite scripts/test.sh
+#                                    one store only (`sqlite`, `postgres`; default both)
+#
+# The integration suite runs once per store: with SQLite, then with PostgreSQL (see
+# docs/TESTING.md).
 #
 # Peers are independent implementations of what latchkey talks to (see docs/TESTING.md). Each is
 # installed into .cache/ when missing, started on a free 127.0.0.1 port, announced to the tests
@@ -18,10 +23,13 @@ REQUIRE_PEERS=${LATCHKEY_REQUIRE_PEERS:-0}
 PEER_START_TIMEOUT=${LATCHKEY_PEER_START_TIMEOUT:-30} # seconds for a peer to answer
 
 # The peers this script runs, in order. Each NAME has peer_NAME_install and peer_NAME_start.
-PEERS=(oidc github aws vault)
+PEERS=(oidc github aws vault postgres)
+
+# The stores the integration suite runs against, in order.
+read -r -a STORES <<<"${LATCHKEY_TEST_STORES:-sqlite postgres}"
 
 usage() {
-  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 FILTER=()
@@ -37,6 +45,7 @@ cd "$ROOT"
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/latchkey-test.XXXXXX") # peer logs of this run
 PEER_PIDS=()
 PEER_LOGS=()
+PEER_CLEANUPS=() # functions that undo what a peer made outside RUN_DIR (a database)
 CURRENT_STEP=""
 STEP_START=0
 
@@ -59,6 +68,10 @@ cleanup() {
   local pid i
   for pid in "${PEER_PIDS[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
+  done
+  local undo
+  for undo in "${PEER_CLEANUPS[@]}"; do
+    "$undo" || true
   done
   for pid in "${PEER_PIDS[@]}"; do
     for i in {1..50}; do
@@ -280,6 +293,79 @@ peer_vault_start() {
   log "OpenBao at $url"
 }
 
+# PostgreSQL: the machine's server at 127.0.0.1:5432 (trust auth, user postgres), started when it
+# is stopped, as on a fresh CI machine. Each run gets a database of its own, dropped when the
+# script exits; each broker a test starts makes its own schema in it. Tests that stop or restart
+# PostgreSQL never touch this server: they run a cluster of their own with the binaries found
+# here (LATCHKEY_TEST_PG_BIN).
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=postgres
+PG_DATABASE="" # the run's database, once made
+
+pg_psql() {
+  psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -X -q -At -v ON_ERROR_STOP=1 "$@"
+}
+
+# The directory holding initdb and pg_ctl: pg_config's, else the newest installed server's.
+pg_bindir() {
+  local dir
+  dir=$(pg_config --bindir 2>/dev/null) || dir=""
+  if [[ -z $dir || ! -x $dir/initdb || ! -x $dir/pg_ctl ]]; then
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  fi
+  [[ -n $dir && -x $dir/initdb && -x $dir/pg_ctl ]] || return 1
+  printf '%s\n' "$dir"
+}
+
+peer_postgres_install() {
+  local tool
+  for tool in psql pg_isready; do
+    command -v "$tool" >/dev/null || { log "$tool is not installed (Debian: postgresql-client)"; return 1; }
+  done
+  pg_bindir >/dev/null || { log "no PostgreSQL server binaries (initdb, pg_ctl) found (Debian: postgresql)"; return 1; }
+}
+
+pg_ready() {
+  pg_isready -h "$PG_HOST" -p "$PG_PORT" -t 2 >/dev/null 2>&1
+}
+
+peer_postgres_start() {
+  local version deadline bin
+  if ! pg_ready; then
+    log "PostgreSQL is not answering at $PG_HOST:$PG_PORT: starting it"
+    command -v pg_ctlcluster >/dev/null || { log "pg_ctlcluster is not installed"; return 1; }
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start || log "pg_ctlcluster $version main start failed"
+    done
+    deadline=$((SECONDS + PEER_START_TIMEOUT))
+    until pg_ready; do
+      if ((SECONDS >= deadline)); then
+        log "PostgreSQL did not answer within ${PEER_START_TIMEOUT}s"
+        return 1
+      fi
+      sleep 0.2
+    done
+  fi
+  bin=$(pg_bindir) || return 1
+  PG_DATABASE="latchkey_test_$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')" || return 1
+  pg_psql -c "CREATE DATABASE $PG_DATABASE" || { log "cannot create the test database"; PG_DATABASE=""; return 1; }
+  PEER_CLEANUPS+=(pg_drop_database)
+  export LATCHKEY_TEST_PG_URL="postgres://$PG_USER@$PG_HOST:$PG_PORT/$PG_DATABASE"
+  export LATCHKEY_TEST_PG_BIN=$bin
+  log "PostgreSQL $(pg_psql -c 'SHOW server_version' 2>/dev/null) at $PG_HOST:$PG_PORT, database $PG_DATABASE; binaries in $bin"
+}
+
+# Drops the run's database, closing what is still connected to it.
+pg_drop_database() {
+  [[ -n $PG_DATABASE ]] || return 0
+  pg_psql -c "DROP DATABASE IF EXISTS $PG_DATABASE WITH (FORCE)" || {
+    log "could not drop the test database $PG_DATABASE"
+    return 1
+  }
+  PG_DATABASE=""
+}
+
 # Installs and starts every peer. A peer that fails is fatal under LATCHKEY_REQUIRE_PEERS=1,
 # and otherwise leaves its variable unset so that its tests skip.
 start_peers() {
@@ -334,14 +420,67 @@ build_tests() {
   cargo test --workspace --no-run
 }
 
-run_tests() {
+# Tests that are about SQLite by nature (its file, its lock, offline checks of a copy) carry
+# `sqlite` in their names; tests that only mean something on PostgreSQL live in
+# `postgres_replicas` (whole processes) and `postgres_store` (the ledger itself). `cli` and
+# `peer_smoke` never touch the store under test (the CLI tests run `latchkey init` configs, which
+# are SQLite), so one run of them is enough.
+SQLITE_ONLY='test(/sqlite/) | test(/^cli::/) | test(/^peer_smoke::/)'
+POSTGRES_ONLY='test(/^postgres_(replicas|store)::/)'
+
+# run_store STORE: the tests of one store. SQLite's run also takes the unit tests and the
+# doctests; PostgreSQL's only the integration suite, which is all that uses a store.
+run_store() {
+  local store=$1 started=$SECONDS rc=0
+  printf '\n--- tests with store: %s ---\n' "$store" >&2
+  if [[ $store == postgres && -z ${LATCHKEY_TEST_PG_URL:-} ]]; then
+    log "NOTICE: no PostgreSQL peer: the PostgreSQL run is skipped"
+    return 0
+  fi
   if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --no-fail-fast "${FILTER[@]}"
-    # nextest does not run doctests.
-    if ((${#FILTER[@]} == 0)); then cargo test --workspace --doc; fi
+    case $store in
+      sqlite)
+        LATCHKEY_TEST_STORE=sqlite cargo nextest run --workspace --no-fail-fast \
+          -E "not ($POSTGRES_ONLY)" "${FILTER[@]}" || rc=$?
+        # nextest does not run doctests.
+        if ((rc == 0 && ${#FILTER[@]} == 0)); then cargo test --workspace --doc || rc=$?; fi
+        ;;
+      postgres)
+        LATCHKEY_TEST_STORE=postgres cargo nextest run --test it --no-fail-fast \
+          -E "not ($SQLITE_ONLY)" "${FILTER[@]}" || rc=$?
+        ;;
+    esac
   else
+    # Without nextest nothing is filtered by name: the tests of the other store skip themselves.
+    case $store in
+      sqlite) LATCHKEY_TEST_STORE=sqlite cargo test --workspace --no-fail-fast "${FILTER[@]}" || rc=$? ;;
+      postgres) LATCHKEY_TEST_STORE=postgres cargo test --test it --no-fail-fast "${FILTER[@]}" || rc=$? ;;
+    esac
+  fi
+  if ((rc == 0)); then
+    printf -- '--- store %s: ok (%ss) ---\n' "$store" $((SECONDS - started)) >&2
+  else
+    printf -- '--- store %s: FAILED (exit %s, %ss) ---\n' "$store" "$rc" $((SECONDS - started)) >&2
+  fi
+  return "$rc"
+}
+
+# Every store's run, even after one failed, so that a failure shows on which store it happens.
+run_tests() {
+  local store failed=()
+  if ! cargo nextest --version >/dev/null 2>&1; then
     log "cargo-nextest is not installed; running the tests with cargo test"
-    cargo test --workspace --no-fail-fast "${FILTER[@]}"
+  fi
+  for store in "${STORES[@]}"; do
+    case $store in
+      sqlite | postgres) ;;
+      *) log "unknown store '$store' in LATCHKEY_TEST_STORES (sqlite, postgres)"; return 2 ;;
+    esac
+    run_store "$store" || failed+=("$store")
+  done
+  if ((${#failed[@]})); then
+    log "tests failed with store: ${failed[*]}"
+    return 1
   fi
 }
 

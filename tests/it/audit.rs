@@ -2,13 +2,14 @@
 //! checkpoints and verification (against edited, recomputed and truncated logs), the SIEM
 //! stream across log rotation, `/v1/explain` with a subject token, and the `latchkey audit` CLI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::support::store::{Store, sqlite_only};
 use crate::support::test_app::{ADMIN_KEY, AUDITOR_KEY, SECURITY_KEY, SERVICE_KEY, TestApp, TestIssuer};
 
 /// Claims the example `pr-review` policy (agent `pr-reviewer`, a jwt grant) allows.
@@ -139,42 +140,39 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A consistent copy of the live store, as an investigator would take one.
-fn snapshot(t: &TestApp, name: &str) -> PathBuf {
+/// A consistent copy of a live SQLite store, as an investigator would take one.
+async fn snapshot(t: &TestApp, name: &str) -> Store {
     let to = t.dir.path().join(name);
-    let conn = rusqlite::Connection::open(t.dir.path().join("latchkey.db")).unwrap();
-    conn.execute("VACUUM INTO ?1", [to.to_str().unwrap()]).unwrap();
-    to
+    let Store::Sqlite { path } = t.store() else { panic!("a SQLite-only helper") };
+    let path = path.clone();
+    let copy = to.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()]).unwrap();
+    })
+    .await
+    .unwrap();
+    Store::Sqlite { path: to }
 }
 
-/// Rewrites event `seq` of a store file and recomputes every later hash: what someone with write
+/// The same edit of one event's body wherever it is made: `pr-reviewer` becomes `pr-helper`.
+pub(crate) const EDIT: &str = "UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper')";
+
+/// Rewrites event `seq` of a store and recomputes every later hash: what someone with write
 /// access to the database, but not the checkpoint key, can do.
-fn rewrite_and_recompute(db: &Path, seq: i64) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.execute("UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper') WHERE seq = ?1", [seq])
-        .unwrap();
-    let mut prev: Vec<u8> = {
-        let h: String =
-            conn.query_row("SELECT prev_hash FROM audit_events WHERE seq = ?1", [seq], |r| r.get(0)).unwrap();
-        hex::decode(h).unwrap()
-    };
-    let rows: Vec<(i64, String)> = conn
-        .prepare("SELECT seq, body FROM audit_events WHERE seq >= ?1 ORDER BY seq")
-        .unwrap()
-        .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for (s, body) in rows {
+pub(crate) async fn rewrite_and_recompute(store: &Store, seq: i64) {
+    assert_eq!(store.execute(&format!("{EDIT} WHERE seq = {seq}")).await, 1);
+    let prev = store.scalar(&format!("SELECT prev_hash FROM audit_events WHERE seq = {seq}")).await;
+    let mut prev = hex::decode(prev.as_str().unwrap()).unwrap();
+    let rows = store.query(&format!("SELECT seq, body FROM audit_events WHERE seq >= {seq} ORDER BY seq")).await;
+    for row in rows {
+        let (s, body) = (row[0].as_i64().unwrap(), row[1].as_str().unwrap());
         let mut h = Sha256::new();
         h.update(&prev);
         h.update(body.as_bytes());
         let hash = h.finalize().to_vec();
-        conn.execute(
-            "UPDATE audit_events SET prev_hash = ?2, hash = ?3 WHERE seq = ?1",
-            rusqlite::params![s, hex::encode(&prev), hex::encode(&hash)],
-        )
-        .unwrap();
+        let (p, n) = (hex::encode(&prev), hex::encode(&hash));
+        store.execute(&format!("UPDATE audit_events SET prev_hash = '{p}', hash = '{n}' WHERE seq = {s}")).await;
         prev = hash;
     }
 }
@@ -191,13 +189,57 @@ fn latchkey(args: &[&str], cwd: &Path) -> (bool, String) {
 }
 
 /// The first event of the log that mentions the `pr-reviewer` agent.
-fn first_pr_event(db: &Path) -> i64 {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row("SELECT min(seq) FROM audit_events WHERE body LIKE '%pr-reviewer%'", [], |r| r.get(0)).unwrap()
+pub(crate) async fn first_pr_event(store: &Store) -> i64 {
+    store.count("SELECT min(seq) FROM audit_events WHERE body LIKE '%pr-reviewer%'").await
 }
 
+fn sqlite_url(store: &Store) -> String {
+    let Store::Sqlite { path } = store else { panic!("a SQLite-only helper") };
+    format!("sqlite://{}", path.display())
+}
+
+/// The server verifies its live store, whichever it is: an edited event is named, and so is
+/// an edit whose later hashes were all recomputed, by the checkpoint signed before it.
 #[tokio::test]
-async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
+async fn the_server_names_an_edit_and_a_recomputed_rewrite_of_its_live_store() {
+    let t = TestApp::builder().checkpoint_key().start().await;
+    for _ in 0..2 {
+        assert_eq!(t.exchange(&t.token(pr_claims()), "pr-review").await.status, StatusCode::OK);
+    }
+    let cp = t.post_json("/v1/audit/checkpoints", Some(ADMIN_KEY), &json!({})).await;
+    assert_eq!(cp.status, StatusCode::CREATED, "{}", cp.text);
+    let cp_seq = cp.body["seq"].as_i64().unwrap();
+    let v = list(&t, "/v1/audit/verify").await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["checkpoints_checked"].as_i64().unwrap() >= 1, "{v}");
+
+    let target = first_pr_event(t.store()).await;
+    assert!(target < cp_seq, "the edited event is under the checkpoint");
+    rewrite_and_recompute(t.store(), target).await;
+    let v = list(&t, "/v1/audit/verify").await;
+    assert_eq!(v["ok"], false, "{v}");
+    // A broker that keeps the chain head in memory (SQLite) chains its next event to the old
+    // head, which breaks a link after the rewrite too; the checkpoint is what must be named.
+    assert!(has_problem(&v, "rewritten", cp_seq), "{v}");
+
+    // A plain edit on top: the chain itself now breaks at that row, and the server says where.
+    let second = t.store().count("SELECT max(seq) FROM audit_events WHERE body LIKE '%pr-reviewer%'").await;
+    assert_eq!(t.store().execute(&format!("{EDIT} WHERE seq = {second}")).await, 1);
+    let v = list(&t, "/v1/audit/verify").await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(has_problem(&v, "bad_hash", second), "{v}");
+}
+
+fn has_problem(report: &Value, kind: &str, seq: i64) -> bool {
+    report["problems"].as_array().unwrap().iter().any(|p| p["kind"] == kind && p["seq"] == seq)
+}
+
+/// Offline verification of copies of the store file, as an investigator would run it.
+#[tokio::test]
+async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail_in_a_sqlite_copy() {
+    if !sqlite_only() {
+        return;
+    }
     let t = TestApp::builder().checkpoint_key().audit("stream = \"audit.jsonl\"").start().await;
     let dir = t.dir.path().to_owned();
     for _ in 0..2 {
@@ -221,8 +263,8 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
     assert!(v["checkpoints_checked"].as_i64().unwrap() >= 1 && v["signatures_checked"] == true, "{v}");
 
     // An intact copy verifies offline, with the public key alone.
-    let intact = snapshot(&t, "intact.db");
-    let store = format!("sqlite://{}", intact.display());
+    let intact = snapshot(&t, "intact.db").await;
+    let store = sqlite_url(&intact);
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--public-key", &public_key], &dir);
     assert!(ok, "{out}");
     assert!(out.contains("audit chain OK"), "{out}");
@@ -230,21 +272,18 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
     assert!(!ok && out.contains("public key"), "refuses to vouch without the key: {out}");
 
     // 1. One edited row: the chain breaks at that row.
-    let edited = snapshot(&t, "edited.db");
-    let target = first_pr_event(&edited);
-    rusqlite::Connection::open(&edited)
-        .unwrap()
-        .execute("UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper') WHERE seq = ?1", [target])
-        .unwrap();
-    let store = format!("sqlite://{}", edited.display());
+    let edited = snapshot(&t, "edited.db").await;
+    let target = first_pr_event(&edited).await;
+    assert_eq!(edited.execute(&format!("{EDIT} WHERE seq = {target}")).await, 1);
+    let store = sqlite_url(&edited);
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--key-file", "checkpoint.key"], &dir);
     assert!(!ok, "{out}");
     assert!(out.contains(&format!("first broken link: event {target}:")), "{out}");
 
     // 2. The same edit with every later hash recomputed: the chain holds, the checkpoint does not.
-    let rewritten = snapshot(&t, "rewritten.db");
-    rewrite_and_recompute(&rewritten, target);
-    let store = format!("sqlite://{}", rewritten.display());
+    let rewritten = snapshot(&t, "rewritten.db").await;
+    rewrite_and_recompute(&rewritten, target).await;
+    let store = sqlite_url(&rewritten);
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--key-file", "checkpoint.key", "--json"], &dir);
     assert!(!ok, "{out}");
     let report: Value = serde_json::from_str(&out).unwrap();
@@ -253,12 +292,9 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
     assert_eq!(report["problems"].as_array().unwrap().len(), 1, "the chain itself is consistent: {report}");
 
     // 3. A cut tail: the last checkpoint names an event beyond the end.
-    let cut = snapshot(&t, "cut.db");
-    rusqlite::Connection::open(&cut)
-        .unwrap()
-        .execute("DELETE FROM audit_events WHERE seq >= ?1", [cp_seq - 1])
-        .unwrap();
-    let store = format!("sqlite://{}", cut.display());
+    let cut = snapshot(&t, "cut.db").await;
+    cut.execute(&format!("DELETE FROM audit_events WHERE seq >= {}", cp_seq - 1)).await;
+    let store = sqlite_url(&cut);
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--key-file", "checkpoint.key"], &dir);
     assert!(!ok, "{out}");
     assert!(out.contains("truncated") && out.contains(&format!("ends at event {}", cp_seq - 2)), "{out}");
@@ -266,7 +302,7 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
     // 3b. The tail and the stored checkpoints removed together: the stream's copy still tells.
     wait_for(|| stream_seqs(&dir.join("audit.jsonl")).contains(&(cp_seq + 1)), "the stream to carry the checkpoint")
         .await;
-    rusqlite::Connection::open(&cut).unwrap().execute("DELETE FROM audit_checkpoints", []).unwrap();
+    cut.execute("DELETE FROM audit_checkpoints").await;
     let (ok, out) = latchkey(&["audit", "verify", "--store", &store, "--key-file", "checkpoint.key"], &dir);
     assert!(ok, "without any copy of the checkpoint the cut is invisible: {out}");
     let (ok, out) = latchkey(
@@ -277,17 +313,14 @@ async fn checkpoints_catch_an_edit_a_recomputed_rewrite_and_a_cut_tail() {
 
     // A range check proves its range; the server names the break in the live store too.
     let (ok, out) = latchkey(
-        &["audit", "verify", "--store", &format!("sqlite://{}", edited.display()), "--key-file", "checkpoint.key"]
+        &["audit", "verify", "--store", &sqlite_url(&edited), "--key-file", "checkpoint.key"]
             .into_iter()
             .chain(["--from", &(target + 1).to_string()])
             .collect::<Vec<_>>(),
         &dir,
     );
     assert!(ok, "{out}");
-    let live = rusqlite::Connection::open(dir.join("latchkey.db")).unwrap();
-    live.busy_timeout(Duration::from_secs(10)).unwrap();
-    live.execute("UPDATE audit_events SET body = replace(body, 'pr-reviewer', 'pr-helper') WHERE seq = ?1", [target])
-        .unwrap();
+    assert_eq!(t.store().execute(&format!("{EDIT} WHERE seq = {target}")).await, 1);
     let v = list(&t, "/v1/audit/verify").await;
     assert_eq!(v["ok"], false);
     assert_eq!((v["problems"][0]["seq"].as_i64(), v["problems"][0]["kind"].as_str()), (Some(target), Some("bad_hash")));
@@ -376,7 +409,7 @@ async fn explain_verifies_a_subject_token_without_spending_it_and_names_a_kill_r
     assert_eq!(e.status, StatusCode::OK, "{}", e.text);
     assert_eq!((e.body["decision"].as_str(), e.body["token"]["outcome"].as_str()), (Some("allow"), Some("valid")));
     assert!(!e.body["trace"].as_array().unwrap().is_empty());
-    assert_eq!(t.credential_count(), 0, "explain mints nothing");
+    assert_eq!(t.credential_count().await, 0, "explain mints nothing");
     // Not spent: the token still exchanges once, and then explain says it is replayed.
     assert_eq!(t.exchange(&token, "pr-review").await.status, StatusCode::OK);
     let e = t.post_json("/v1/explain", Some(ADMIN_KEY), &body).await;

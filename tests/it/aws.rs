@@ -106,7 +106,7 @@ async fn revoking_one_session_denies_it_by_source_identity_and_spares_other_role
     let (row, handle) = row_and_handle(&t, &c).await;
 
     revoke_through_a_job(&t, &c).await;
-    assert_eq!(t.credential_states(), [("active".to_owned(), 1), ("revoked".to_owned(), 1)]);
+    assert_eq!(t.credential_states().await, [("active".to_owned(), 1), ("revoked".to_owned(), 1)]);
 
     // Exactly one statement: deny everything to this session's source identity.
     let id: Uuid = c["id"].as_str().unwrap().parse().unwrap();
@@ -277,7 +277,7 @@ async fn sts_out_of_reach_is_a_503_and_a_role_outside_the_path_does_not_load() {
         (a.status, a.body["error"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("temporarily_unavailable"))
     );
-    assert_eq!(t.credential_states(), [("failed".to_owned(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_owned(), 1)]);
 
     let outside = "arn:aws:iam::123456789012:role/elsewhere/deploy";
     let dir = tempfile::tempdir().unwrap();

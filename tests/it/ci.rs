@@ -326,7 +326,7 @@ async fn the_token_service_refuses_a_wrong_request_token_and_a_job_without_id_to
     let out = latchkey(&args, &borrowed(&env), job.dir.path()).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("id-token: write"), "{}", stderr(&out));
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
 }
 
 /// The broker's own test issuer stands for GitLab's: `id_tokens:` puts the token in a variable.
@@ -367,7 +367,7 @@ async fn gitlab_style_token_env_with_env_output_into_a_pipe_then_release() {
     let token = std::fs::read_to_string(dir.path().join("token")).unwrap();
     latchkey::worker::run_jobs(&t.app).await.unwrap();
     assert!(!introspect(&t, &token).await);
-    assert_eq!(t.credential_states(), [("revoked".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("revoked".to_string(), 1)]);
 }
 
 #[tokio::test]
@@ -506,7 +506,7 @@ async fn release_revokes_once_is_idempotent_and_refuses_alike_a_wrong_token_and_
         first.body["credentials"][0].as_object().unwrap().keys().collect::<Vec<_>>()
     );
     assert_eq!(written().await, events_before, "a repeated release writes nothing");
-    assert_eq!(t.credential_states(), [("revoked".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("revoked".to_string(), 1)]);
 
     let o = t.get("/openapi.json", None).await;
     let op = &o.body["paths"]["/v1/release"]["post"];

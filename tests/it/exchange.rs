@@ -54,14 +54,14 @@ async fn an_allowed_exchange_returns_a_verifiable_jwt_that_introspects_active() 
     assert_eq!(i.status, StatusCode::OK);
     assert_eq!(i.body["active"], true, "{}", i.text);
     assert_eq!(i.body["scope"], "pr-review");
-    assert_eq!(t.credential_states(), [("active".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("active".to_string(), 1)]);
 
     // Expired by the clock: inactive, and the TTL job marks the credential expired.
     t.clock.advance(chrono::Duration::minutes(16));
     let i = t.post_form("/v1/introspect", Some(SERVICE_KEY), &[("token", token)]).await;
     assert_eq!(i.body, json!({ "active": false }));
     latchkey::worker::run_jobs(&t.app).await.unwrap();
-    assert_eq!(t.credential_states(), [("expired".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("expired".to_string(), 1)]);
     assert_eq!(t.events("credential.expired").await.len(), 1);
 }
 
@@ -122,7 +122,7 @@ async fn a_denial_tells_the_caller_little_and_the_audit_trail_everything() {
     let keys: Vec<&String> = a.body.as_object().unwrap().keys().collect();
     assert_eq!(keys, ["error", "error_description", "request_id"]);
     assert!(!a.text.contains("repository") && !a.text.contains("acme"), "the body maps the policy: {}", a.text);
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
 
     let denied = t.events("exchange.denied").await;
     let e = denied.iter().find(|e| e["request_id"] == request_id).expect("the denial is audited");
@@ -188,7 +188,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert_eq!(a.body["error"], "invalid_grant", "{name}: {}", a.text);
         assert!(a.body["request_id"].as_str().is_some_and(|r| !r.is_empty()), "{name}");
     }
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
     assert_eq!(t.events("exchange.denied").await.len(), cases.len(), "every refusal is audited");
 
     // Requests malformed before any token is looked at.
@@ -251,7 +251,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let token = t.token(pr_claims());
     let a = t.exchange_narrowed(&token, "pr-review", r#"{"jwt":{"ttl":"2h"}}"#).await;
     assert_eq!((a.status, a.body["error"].as_str()), (StatusCode::FORBIDDEN, Some("access_denied")), "{}", a.text);
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
 }
 
 #[tokio::test]
@@ -266,7 +266,7 @@ async fn a_token_is_spent_once_per_capability_and_only_on_success() {
     let replay = t.exchange(&token, "pr-review").await;
     assert_eq!(replay.status, StatusCode::BAD_REQUEST);
     assert_eq!(replay.body["error"], "invalid_grant");
-    assert_eq!(t.credential_states(), [("active".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("active".to_string(), 1)]);
 }
 
 #[tokio::test]
@@ -312,7 +312,7 @@ async fn explain_gives_the_full_trace_without_minting() {
     assert!(
         a.body["trace"].as_array().unwrap().iter().any(|s| s["rule"] == "match.repository" && s["passed"] == false)
     );
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
 }
 
 #[tokio::test]
@@ -402,5 +402,5 @@ async fn issuers_whose_discovery_lies_or_redirects_are_refused() {
         );
     }
     assert_eq!(real.jwks_fetches(), 0, "keys were fetched through a lying or redirecting discovery");
-    assert_eq!(t.credential_count(), 0);
+    assert_eq!(t.credential_count().await, 0);
 }

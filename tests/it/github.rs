@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::support::github::{Fault, GithubDouble, Installation, OTHER_APP_ID};
 use crate::support::peers::OidcPeer;
+use crate::support::store::contains;
 use crate::support::test_app::{AUDIENCE, Answer, Builder, TestApp, policy_head};
 
 /// The GitHub grant of the tests' main policy, `pr-review-gh`.
@@ -94,10 +95,8 @@ async fn the_token_has_exactly_the_policys_repositories_and_permissions() {
     // The token is nowhere in the audit trail, and at rest only sealed.
     let audit = serde_json::to_string(&t.audit().await).unwrap();
     assert!(!audit.contains(&token[4..40]));
-    let db = std::fs::read(t.dir.path().join("latchkey.db")).unwrap();
-    let wal = std::fs::read(t.dir.path().join("latchkey.db-wal")).unwrap_or_default();
-    let needle = &token.as_bytes()[4..40];
-    assert!(!db.windows(needle.len()).any(|w| w == needle) && !wal.windows(needle.len()).any(|w| w == needle));
+    let at_rest = t.store().dump().await;
+    assert!(!contains(&at_rest, &token.as_bytes()[4..40]), "the token is stored in plain text");
     gh.assert_conforms();
 }
 
@@ -142,7 +141,7 @@ async fn the_token_stops_working_when_the_policy_ttl_ends_even_across_a_restart(
     latchkey::worker::run_jobs(&t.app).await.unwrap();
     assert!(gh.token(&token).unwrap().revoked, "revoked at the policy TTL, long before GitHub's hour");
     assert_eq!(repositories_seen_with(&gh, &token).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(t.credential_states(), [("expired".to_owned(), 1)]);
+    assert_eq!(t.credential_states().await, [("expired".to_owned(), 1)]);
     assert_eq!(t.events("credential.expired").await.len(), 1);
     let id = a.body["credentials"][0]["id"].as_str().unwrap().parse().unwrap();
     let row = t.app.ledger.credential(id).await.unwrap().unwrap();
@@ -318,8 +317,8 @@ async fn githubs_refusals_and_failures_become_clear_answers_and_leave_nothing_is
     gh.set_fault(Fault::None);
 
     // Nothing failed is left active.
-    let active = t.credential_states().into_iter().find(|(s, _)| s == "active").map_or(0, |(_, n)| n);
-    assert_eq!(active, 2, "only the two exchanges that succeeded: {:?}", t.credential_states());
+    let active = t.credential_states().await.into_iter().find(|(s, _)| s == "active").map_or(0, |(_, n)| n);
+    assert_eq!(active, 2, "only the two exchanges that succeeded: {:?}", t.credential_states().await);
     gh.assert_conforms();
 }
 
@@ -417,7 +416,7 @@ async fn a_token_minted_but_never_recorded_is_reported_possibly_issued_with_its_
     let credential = t.record_crashed_intent(BackendKind::Github).await;
     t.clock.advance(chrono::Duration::minutes(3));
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);
-    assert_eq!(t.credential_states(), [("failed".to_owned(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_owned(), 1)]);
     let alerts = t.events("credential.possibly_issued").await;
     assert_eq!(alerts.len(), 1, "an alert event");
     let dead_at = latchkey::audit::format_time(credential.created_at + chrono::Duration::hours(1));

@@ -86,7 +86,7 @@ async fn deeply_nested_json_in_an_exchange_body_is_a_quick_400() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 
     still_healthy(&t).await;
-    assert_eq!(t.credential_count(), 1, "only the good exchange issued anything");
+    assert_eq!(t.credential_count().await, 1, "only the good exchange issued anything");
 }
 
 #[tokio::test]

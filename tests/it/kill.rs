@@ -11,6 +11,7 @@ use latchkey::policy::BackendKind;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::support::store::truthy;
 use crate::support::test_app::{AUDITOR_KEY, Answer, SECURITY_KEY, SERVICE_KEY, TestApp};
 
 /// Claims the example `pr-review` policy (agent `pr-reviewer`, a jwt grant) allows.
@@ -47,21 +48,17 @@ async fn run_jobs(t: &TestApp) -> usize {
     latchkey::worker::run_jobs(&t.app).await.unwrap()
 }
 
-fn db(t: &TestApp) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(t.dir.path().join("latchkey.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap()
+async fn count(t: &TestApp, sql: &str) -> i64 {
+    t.store().count(sql).await
 }
 
-fn count(t: &TestApp, sql: &str) -> i64 {
-    db(t).query_row(sql, [], |r| r.get(0)).unwrap()
+async fn credential_state(t: &TestApp, id: &str) -> String {
+    let state = t.store().scalar(&format!("SELECT state FROM credentials WHERE id = '{id}'")).await;
+    state.as_str().unwrap_or_else(|| panic!("no credential {id}")).to_owned()
 }
 
-fn credential_state(t: &TestApp, id: &str) -> String {
-    db(t).query_row("SELECT state FROM credentials WHERE id = ?1", [id], |r| r.get(0)).unwrap()
-}
-
-fn has_handle(t: &TestApp, id: &str) -> bool {
-    db(t).query_row("SELECT handle IS NOT NULL FROM credentials WHERE id = ?1", [id], |r| r.get(0)).unwrap()
+async fn has_handle(t: &TestApp, id: &str) -> bool {
+    truthy(&t.store().scalar(&format!("SELECT handle IS NOT NULL FROM credentials WHERE id = '{id}'")).await)
 }
 
 fn credential_id(a: &Answer) -> String {
@@ -121,12 +118,12 @@ async fn a_kill_by_agent_refuses_at_once_and_revokes_what_the_agent_holds() {
 }
 
 /// Everything a refused kill request could have written: rules, jobs, marks and non-call events.
-fn footprint(t: &TestApp) -> (i64, i64, i64, i64) {
+async fn footprint(t: &TestApp) -> (i64, i64, i64, i64) {
     (
-        count(t, "SELECT count(*) FROM kill_rules"),
-        count(t, "SELECT count(*) FROM jobs"),
-        count(t, "SELECT count(*) FROM credentials WHERE revoke_requested OR state <> 'active'"),
-        count(t, "SELECT count(*) FROM audit_events WHERE body NOT LIKE '%\"event\":\"admin.call\"%'"),
+        count(t, "SELECT count(*) FROM kill_rules").await,
+        count(t, "SELECT count(*) FROM jobs").await,
+        count(t, "SELECT count(*) FROM credentials WHERE revoke_requested OR state <> 'active'").await,
+        count(t, "SELECT count(*) FROM audit_events WHERE body NOT LIKE '%\"event\":\"admin.call\"%'").await,
     )
 }
 
@@ -134,7 +131,7 @@ fn footprint(t: &TestApp) -> (i64, i64, i64, i64) {
 async fn dry_runs_and_refused_kills_change_nothing() {
     let t = TestApp::builder().no_background().start().await;
     assert_eq!(exchange_pr(&t).await.status, StatusCode::OK);
-    let before = footprint(&t);
+    let before = footprint(&t).await;
 
     let dry =
         kill(&t, json!({ "selector": { "agent": "pr-*" }, "reason": "how far would this reach", "dry_run": true }))
@@ -143,7 +140,7 @@ async fn dry_runs_and_refused_kills_change_nothing() {
     assert_eq!(dry.body["dry_run"], true);
     assert_eq!(dry.body["would_match"]["totals"], json!({ "matched": 1, "active": 1, "pending": 0 }));
     assert_eq!(dry.body["would_match"]["backends"]["jwt"]["active"], 1);
-    let (rules, jobs, ended, events) = footprint(&t);
+    let (rules, jobs, ended, events) = footprint(&t).await;
     assert_eq!((rules, jobs, ended, events), (before.0, before.1, before.2, before.3 + 1), "only kill.dry_run");
     assert_eq!(t.events("kill.dry_run").await.len(), 1);
 
@@ -172,7 +169,7 @@ async fn dry_runs_and_refused_kills_change_nothing() {
     let none = t.post_json("/v1/kills", None, &body).await;
     assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{}", none.text);
 
-    assert_eq!(footprint(&t), (rules, jobs, ended, events), "a refused kill wrote something");
+    assert_eq!(footprint(&t).await, (rules, jobs, ended, events), "a refused kill wrote something");
     assert_eq!(exchange_pr(&t).await.status, StatusCode::OK, "nothing blocks the agent");
 }
 
@@ -213,10 +210,15 @@ async fn no_credential_survives_a_kill_that_races_exchanges() {
         }
         allowed += ids.len();
         run_jobs(&t).await;
-        let active = count(&t, "SELECT count(*) FROM credentials WHERE agent = 'pr-reviewer' AND state = 'active'");
+        let active =
+            count(&t, "SELECT count(*) FROM credentials WHERE agent = 'pr-reviewer' AND state = 'active'").await;
         assert_eq!(active, 0, "round {round}: a credential of the killed agent is still active");
         for id in &ids {
-            assert_eq!(credential_state(&t, id), "revoked", "round {round}: an answered credential was not revoked");
+            assert_eq!(
+                credential_state(&t, id).await,
+                "revoked",
+                "round {round}: an answered credential was not revoked"
+            );
         }
         let report = show(&t, k.body["id"].as_str().unwrap()).await["report"]["totals"].clone();
         assert_eq!(report["pending"], 0, "round {round}: {report}");
@@ -257,7 +259,7 @@ async fn a_lift_lets_exchanges_through_and_revives_nothing_and_a_rule_lapses_onc
     assert_eq!(lifted.body["lift_reason"], "false alarm");
     assert_eq!(exchange_pr(&t).await.status, StatusCode::OK, "a lifted rule blocks nothing");
     assert!(!introspect_active(&t, &token).await, "what was revoked stays revoked");
-    assert_eq!(credential_state(&t, &credential_id(&before)), "revoked");
+    assert_eq!(credential_state(&t, &credential_id(&before)).await, "revoked");
 
     let twice = t.post_json(&lift, Some(SECURITY_KEY), &json!({ "reason": "again" })).await;
     assert_eq!(twice.status, StatusCode::CONFLICT, "{}", twice.text);
@@ -327,7 +329,7 @@ async fn one_credential_is_revoked_on_request() {
     let second = t.post_json(&path, Some(SECURITY_KEY), &json!({})).await;
     assert_eq!(second.status, StatusCode::ACCEPTED, "{}", second.text);
     assert_eq!(second.body["revocation"], "already_queued");
-    assert_eq!(count(&t, "SELECT count(*) FROM jobs WHERE kind = 'revoke'"), 1);
+    assert_eq!(count(&t, "SELECT count(*) FROM jobs WHERE kind = 'revoke'").await, 1);
 
     assert_eq!(run_jobs(&t).await, 1);
     assert!(!introspect_active(&t, token).await);
@@ -424,7 +426,7 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
     let v = t.exchange(&t.token(json!({})), "vault-deploy").await;
     assert_eq!(v.status, StatusCode::OK, "{}", v.text);
     let vault_id = credential_id(&v);
-    assert!(has_handle(&t, &vault_id), "an active credential keeps its sealed handle");
+    assert!(has_handle(&t, &vault_id).await, "an active credential keeps its sealed handle");
 
     vault.down.store(true, Ordering::SeqCst);
     let k = kill(&t, json!({ "selector": { "repository": "acme/widgets" }, "reason": "repository compromised" })).await;
@@ -436,8 +438,8 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
     assert_eq!(report["backends"]["jwt"]["revoked"], 1, "{report}");
     assert_eq!(report["backends"]["vault"]["pending"], 1, "{report}");
     assert_eq!(report["totals"]["pending"], 1, "{report}");
-    assert_eq!(credential_state(&t, &vault_id), "active");
-    assert!(has_handle(&t, &vault_id), "the handle is kept until revocation succeeds");
+    assert_eq!(credential_state(&t, &vault_id).await, "active");
+    assert!(has_handle(&t, &vault_id).await, "the handle is kept until revocation succeeds");
 
     // The job is durable: a restart finds it.
     let t = t.restart().await;
@@ -448,8 +450,8 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
     let report = show(&t, &id).await["report"].clone();
     assert_eq!(report["totals"], json!({ "matched": 2, "revoked": 2, "expired": 0, "pending": 0, "failed": 0 }));
     assert_eq!(vault.revoked.load(Ordering::SeqCst), 1);
-    assert_eq!(credential_state(&t, &vault_id), "revoked");
-    assert!(!has_handle(&t, &vault_id), "a revoked credential's sealed handle is erased");
+    assert_eq!(credential_state(&t, &vault_id).await, "revoked");
+    assert!(!has_handle(&t, &vault_id).await, "a revoked credential's sealed handle is erased");
     let revoked = t.events("credential.revoked").await;
     assert_eq!(revoked.len(), 2);
     assert!(revoked.iter().all(|e| e["detail"]["kill_id"] == id.as_str()), "{revoked:?}");
@@ -496,7 +498,7 @@ async fn the_cli_kills_waits_lists_shows_lifts_and_revokes() {
     let dry: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["would_match"]["totals"]["active"], 1, "{out}");
-    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules"), 0, "a dry run writes no rule");
+    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules").await, 0, "a dry run writes no rule");
 
     let (status, out, err) = cli(
         &t,
@@ -576,7 +578,7 @@ async fn the_cli_explains_keys_servers_and_claims_it_cannot_use() {
     let (status, _, err) = cli(&t, Some(SECURITY_KEY), &["kills", "--url", "http://127.0.0.1:1"]).await;
     assert!(!status.success());
     assert!(err.contains("cannot reach latchkey at http://127.0.0.1:1"), "{err}");
-    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules"), 0);
+    assert_eq!(count(&t, "SELECT count(*) FROM kill_rules").await, 0);
 }
 
 #[tokio::test]

@@ -222,7 +222,7 @@ async fn time_to_contain_1000_credentials() {
     while let Some(status) = set.join_next().await {
         assert_eq!(status.unwrap(), StatusCode::OK);
     }
-    let credentials = t.credential_count();
+    let credentials = t.credential_count().await;
     eprintln!("bench: {exchanges} exchanges, {credentials} live credentials minted in {:?}", started.elapsed());
 
     let kill_started = Instant::now();

@@ -13,10 +13,12 @@ use latchkey::policy::BackendKind;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::support::store::{Store, contains, truthy};
 use crate::support::test_app::TestApp;
 
 /// A backend double that mints (or fails) and counts revocations with the handle it was given.
-/// With a `probe`, each mint first reads the ledger file and records what is on disk.
+/// With a `probe`, each mint first reads the store, from outside the broker, and records what
+/// is durably there.
 #[derive(Debug)]
 struct Double {
     kind: BackendKind,
@@ -28,19 +30,22 @@ struct Double {
 /// One credential row as a probe saw it: `(id, state, has a handle)`.
 type SeenRow = (String, String, bool);
 
-/// What the ledger held on disk at the moment of each mint.
+/// What the store held at the moment of each mint.
 #[derive(Debug, Clone, Default)]
 struct Probe {
-    db: Arc<std::sync::Mutex<Option<std::path::PathBuf>>>,
+    store: Arc<std::sync::Mutex<Option<Store>>>,
     seen: Arc<std::sync::Mutex<Vec<Vec<SeenRow>>>>,
 }
 
 impl Probe {
-    fn look(&self) {
-        let Some(db) = self.db.lock().unwrap().clone() else { return };
-        let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        let mut stmt = conn.prepare("SELECT id, state, handle IS NOT NULL FROM credentials ORDER BY name").unwrap();
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect();
+    async fn look(&self) {
+        let Some(store) = self.store.lock().unwrap().clone() else { return };
+        let rows = store
+            .query("SELECT id, state, handle IS NOT NULL FROM credentials ORDER BY name")
+            .await
+            .into_iter()
+            .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].as_str().unwrap().to_owned(), truthy(&r[2])))
+            .collect();
         self.seen.lock().unwrap().push(rows);
     }
 }
@@ -56,7 +61,7 @@ impl Backend for Double {
     }
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, BackendError> {
         if let Some(p) = &self.probe {
-            p.look();
+            p.look().await;
         }
         if self.fail {
             return Err(BackendError::Unavailable { backend: self.kind, message: "connection refused".into() });
@@ -130,7 +135,7 @@ async fn when_one_grant_fails_nothing_stays_issued() {
     assert_eq!(a.body["error"], "temporarily_unavailable");
     assert!(!a.text.contains("secret-"), "a secret leaked into the error: {}", a.text);
     assert_eq!(revoked.load(Ordering::SeqCst), 1, "the minted github token was revoked");
-    assert_eq!(t.credential_states(), [("failed".to_string(), 2)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 2)]);
     let failed = t.events("exchange.failed").await;
     assert_eq!(failed.len(), 1);
     assert!(failed[0]["reason"].as_str().unwrap().contains("vault"), "{}", failed[0]);
@@ -150,11 +155,7 @@ async fn handles_are_sealed_at_rest() {
     let a = t.exchange(&t.token(json!({})), "deploy").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(a.body["issued_token_type"], "urn:latchkey:token-type:github-installation");
-    let db = std::fs::read(t.dir.path().join("latchkey.db")).unwrap();
-    let wal = std::fs::read(t.dir.path().join("latchkey.db-wal")).unwrap_or_default();
-    for blob in [db, wal] {
-        assert!(!blob.windows(7).any(|w| w == b"secret-"), "a handle is stored in plain text");
-    }
+    assert!(!contains(&t.store().dump().await, b"secret-"), "a handle is stored in plain text");
 }
 
 fn kill_agent(t: &TestApp, agent: &str) -> KillRule {
@@ -193,7 +194,7 @@ async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
     assert_eq!(a.body["error"], "access_denied");
     assert_eq!(revoked.load(Ordering::SeqCst), 2, "both minted credentials were revoked");
-    assert_eq!(t.credential_states(), [("active".to_string(), 2), ("failed".to_string(), 2)]);
+    assert_eq!(t.credential_states().await, [("active".to_string(), 2), ("failed".to_string(), 2)]);
     let denied = t.events("exchange.denied").await;
     assert!(denied.last().unwrap()["reason"].as_str().unwrap().contains(&rule.id.to_string()));
 
@@ -202,7 +203,7 @@ async fn a_kill_that_lands_during_an_exchange_is_enforced_at_activation() {
     let a = t.exchange(&t.token(json!({})), "deploy").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);
     assert_eq!(revoked.load(Ordering::SeqCst), 2, "nothing was minted");
-    assert_eq!(t.credential_count(), 4);
+    assert_eq!(t.credential_count().await, 4);
 }
 
 /// The same race for jwt grants, which are issued in one transaction: nothing is written.
@@ -217,7 +218,7 @@ async fn a_kill_that_lands_during_a_local_exchange_leaves_nothing_active() {
 
     let a = t.exchange(&t.token(claims), "pr-review").await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
-    assert_eq!(t.credential_states(), [("active".to_string(), 1)], "only the credential from before the kill");
+    assert_eq!(t.credential_states().await, [("active".to_string(), 1)], "only the credential from before the kill");
     let denied = t.events("exchange.denied").await;
     assert!(denied.last().unwrap()["reason"].as_str().unwrap().contains(&rule.id.to_string()));
 }
@@ -229,7 +230,7 @@ async fn the_reconciler_fails_rows_left_pending_by_a_crash() {
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 0, "an exchange in flight is left alone");
     t.clock.advance(chrono::Duration::minutes(3));
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);
-    assert_eq!(t.credential_states(), [("failed".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 1)]);
     assert_eq!(t.events("credential.reconciled").await.len(), 1);
 }
 
@@ -290,7 +291,7 @@ async fn intent_is_durable_before_minting_and_handles_before_the_next_grant() {
         .backend(probed(BackendKind::Vault))
         .start()
         .await;
-    *probe.db.lock().unwrap() = Some(t.dir.path().join("latchkey.db"));
+    *probe.store.lock().unwrap() = Some(t.store().clone());
     let a = t.exchange(&t.token(json!({})), "deploy").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     let seen = probe.seen.lock().unwrap().clone();

@@ -17,6 +17,7 @@ mod lifecycle;
 mod limits;
 mod peer_exchange;
 mod peer_smoke;
+mod postgres_replicas;
 mod postgres_store;
 mod support;
 mod vault;

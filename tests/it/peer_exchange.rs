@@ -65,7 +65,7 @@ async fn tokens_from_the_peer_issuer_are_exchanged_and_hostile_ones_refused() {
         let denied =
             t.exchange(&peer.token(AUDIENCE, json!({ "repository": "acme/widgets-evil" })).await, "peer-review").await;
         assert_eq!(denied.status, StatusCode::FORBIDDEN, "{}", denied.text);
-        assert_eq!(t.credential_count(), 1);
+        assert_eq!(t.credential_count().await, 1);
     }
 }
 

@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::peers::{VaultPeer, VaultSetup};
+use crate::support::store::contains;
 use crate::support::test_app::{Builder, TestApp};
 
 /// A policy admitting `acme/widgets` on `main`, with a 10 minute TTL and `grants`.
@@ -143,18 +144,16 @@ async fn a_token_grant_works_at_openbao_with_exactly_its_policies_and_is_revoked
     assert_eq!(looked["num_uses"], 3);
 
     // The ledger holds the accessor sealed, never the token nor the accessor in plain text.
-    for name in ["latchkey.db", "latchkey.db-wal"] {
-        let blob = std::fs::read(t.dir.path().join(name)).unwrap_or_default();
-        for secret in [token, c["accessor"].as_str().unwrap()] {
-            assert!(!blob.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} is in {name}");
-        }
+    let at_rest = t.store().dump().await;
+    for secret in [token, c["accessor"].as_str().unwrap()] {
+        assert!(!contains(&at_rest, secret.as_bytes()), "{secret} is in the store");
     }
 
     // At the TTL the job revokes it through its accessor.
     t.clock.advance(Duration::minutes(11));
     assert!(latchkey::worker::run_jobs(&t.app).await.unwrap() >= 1);
     assert!(peer.lookup_token(token).await.is_none(), "the token was revoked at its TTL");
-    assert_eq!(t.credential_states(), [("expired".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("expired".to_string(), 1)]);
 }
 
 #[tokio::test]
@@ -202,7 +201,7 @@ async fn a_leased_secret_is_returned_and_its_lease_revoked_at_the_policy_ttl() {
     t.clock.advance(Duration::minutes(11));
     assert!(latchkey::worker::run_jobs(&t.app).await.unwrap() >= 1);
     assert!(peer.lookup_lease(lease).await.is_none(), "the lease was revoked at the policy TTL");
-    assert_eq!(t.credential_states(), [("expired".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("expired".to_string(), 1)]);
 }
 
 #[tokio::test]
@@ -287,7 +286,7 @@ async fn without_the_role_readable_a_policy_outside_it_fails_at_mint_and_nothing
         .await;
     let a = t.exchange(&t.token(json!({})), &cap).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
-    assert_eq!(t.credential_states(), [("failed".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 1)]);
     assert!(peer.tokens_with_meta("capability", &cap).await.is_empty());
 }
 
@@ -305,7 +304,7 @@ async fn when_openbao_is_down_the_exchange_answers_503_and_nothing_is_active() {
     let a = t.exchange(&t.token(json!({})), "down").await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
     assert_eq!(a.body["error"], "temporarily_unavailable");
-    assert_eq!(t.credential_states(), [("failed".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 1)]);
 }
 
 /// All-or-nothing with the real server: the token minted first is revoked when the second grant
@@ -321,7 +320,7 @@ async fn a_token_minted_before_a_failing_grant_does_not_stay_issued() {
     let a = t.exchange(&t.token(json!({})), &cap).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
     assert!(peer.tokens_with_meta("capability", &cap).await.is_empty(), "the token was revoked");
-    assert_eq!(t.credential_states(), [("failed".to_string(), 2)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 2)]);
 }
 
 #[tokio::test]
@@ -386,7 +385,7 @@ async fn the_reconciler_finds_an_unrecorded_token_by_its_credential_id() {
     t.clock.advance(Duration::minutes(3));
     assert_eq!(latchkey::worker::reconcile(&t.app).await.unwrap(), 1);
     assert!(peer.lookup_token(token).await.is_none(), "the unrecorded token was found and revoked");
-    assert_eq!(t.credential_states(), [("failed".to_string(), 1)]);
+    assert_eq!(t.credential_states().await, [("failed".to_string(), 1)]);
 }
 
 #[tokio::test]

@@ -4,5 +4,7 @@
 pub mod github;
 pub mod openapi;
 pub mod peers;
+pub mod replicas;
 
+pub mod store;
 pub mod test_app;

@@ -1,4 +1,5 @@
-//! `TestApp`: a real broker on a loopback port with a SQLite ledger in a temporary folder, and
+//! `TestApp`: a real broker on a loopback port with the store under test (a SQLite file in a
+//! temporary folder, or a schema of its own in PostgreSQL: see [`super::store`]), and
 //! `TestIssuer`: an in-process OIDC issuer (discovery + JWKS over HTTP) whose ES256 key the
 //! tests hold, so they can sign good tokens and craft hostile ones.
 
@@ -22,6 +23,8 @@ use latchkey::seal::Sealer;
 use latchkey::server::{self, Options, Running};
 use reqwest::StatusCode;
 use serde_json::{Map, Value, json};
+
+use super::store::Store;
 
 pub const AUDIENCE: &str = "https://latchkey.test";
 
@@ -257,6 +260,7 @@ impl Builder {
         if self.checkpoint_key {
             latchkey::checkpoint::generate_key_file(&dir.path().join("checkpoint.key")).unwrap();
         }
+        let store = Store::fresh(dir.path()).await;
         let audit_table =
             if self.audit_lines.is_empty() { String::new() } else { format!("[audit]\n{}", self.audit_lines) };
         let mut server_lines = self.server_lines.clone();
@@ -278,7 +282,7 @@ listen = "127.0.0.1:0"
 audience = "{AUDIENCE}"
 {server_lines}
 [store]
-url = "sqlite://latchkey.db"
+url = "{store_url}"
 [policies]
 dir = "policies"
 reload_interval = "{reload_interval}"
@@ -308,6 +312,7 @@ sha256 = "{security}"
 {tail}
 "#,
             url = issuer.url,
+            store_url = store.config_url(),
             admin = sha256_hex(ADMIN_KEY),
             service = sha256_hex(SERVICE_KEY),
             auditor = sha256_hex(AUDITOR_KEY),
@@ -338,7 +343,18 @@ sha256 = "{security}"
         // The certificate is self-signed: these tests check that TLS is served, not PKI.
         let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(self.tls).build().unwrap();
         let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
-        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir, restart }
+        TestApp {
+            url: running.url(),
+            admin_url,
+            client,
+            issuer,
+            app,
+            clock,
+            running: Some(running),
+            dir,
+            store,
+            restart,
+        }
     }
 }
 
@@ -372,6 +388,8 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     running: Option<Running>,
     pub dir: tempfile::TempDir,
+    /// Where the broker keeps its records, for tests that look behind the API.
+    store: Store,
     restart: Restart,
 }
 
@@ -481,19 +499,23 @@ impl TestApp {
         self.audit().await.into_iter().filter(|e| e["event"] == name).collect()
     }
 
-    /// `(state, count)` of every credential row, read straight from the SQLite file.
-    pub fn credential_states(&self) -> Vec<(String, i64)> {
-        let conn = rusqlite::Connection::open_with_flags(
-            self.dir.path().join("latchkey.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let mut stmt = conn.prepare("SELECT state, count(*) FROM credentials GROUP BY state ORDER BY state").unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    /// The broker's store, to look at (or tamper with) what it holds behind the API.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
-    pub fn credential_count(&self) -> i64 {
-        self.credential_states().iter().map(|(_, n)| n).sum()
+    /// `(state, count)` of every credential row, read straight from the store.
+    pub async fn credential_states(&self) -> Vec<(String, i64)> {
+        self.store
+            .query("SELECT state, count(*) FROM credentials GROUP BY state ORDER BY state")
+            .await
+            .into_iter()
+            .map(|r| (r[0].as_str().unwrap().to_owned(), r[1].as_i64().unwrap()))
+            .collect()
+    }
+
+    pub async fn credential_count(&self) -> i64 {
+        self.credential_states().await.iter().map(|(_, n)| n).sum()
     }
 
     pub fn policy_dir(&self) -> PathBuf {
@@ -506,7 +528,7 @@ impl TestApp {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
         }
-        let TestApp { issuer, clock, dir, restart, app, .. } = self;
+        let TestApp { issuer, clock, dir, store, restart, app, .. } = self;
         // The ledger's file lock is released once the last handle on the old app is gone.
         drop(app);
         let config = Config::load(&dir.path().join("latchkey.toml")).unwrap();
@@ -531,7 +553,18 @@ impl TestApp {
         let running = server::start(app.clone(), None, restart.background).await.unwrap();
         let client = reqwest::Client::builder().tls_danger_accept_invalid_certs(restart.tls).build().unwrap();
         let admin_url = running.admin_addr.map(|a| format!("http://{a}"));
-        TestApp { url: running.url(), admin_url, client, issuer, app, clock, running: Some(running), dir, restart }
+        TestApp {
+            url: running.url(),
+            admin_url,
+            client,
+            issuer,
+            app,
+            clock,
+            running: Some(running),
+            dir,
+            store,
+            restart,
+        }
     }
 
     /// Writes what an exchange leaves behind when the broker dies between its intent (step 5)
