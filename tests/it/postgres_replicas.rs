@@ -436,8 +436,6 @@ async fn readyz_goes_unready_and_exchanges_fail_closed_when_postgres_stops() {
 
 /// The same with the default `[store]` settings, as an operator who set nothing runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "pending in the ledger: with the default connect_timeout (5 s) /readyz and every exchange \
-            wait 5 s for a pool connection before answering 503 (docs/TESTING.md, pending tests)"]
 async fn with_default_store_settings_a_stopped_postgres_is_noticed_within_two_seconds() {
     let Some(o) = stop_and_start_postgres("").await else { return };
     o.assert_noticed_within(Duration::from_millis(2500));
@@ -445,9 +443,6 @@ async fn with_default_store_settings_a_stopped_postgres_is_noticed_within_two_se
 
 /// Once `/readyz` says ready again, the next exchange succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "pending in the ledger: the writer keeps its connection that PostgreSQL closed, so the first \
-            exchange after the store is back answers 503 (SQLSTATE 57P01) though /readyz says ready \
-            (docs/TESTING.md, pending tests)"]
 async fn the_first_exchange_after_postgres_is_back_succeeds() {
     let Some(o) = stop_and_start_postgres("connect_timeout = \"1s\"").await else { return };
     assert_eq!(o.first_after.0, StatusCode::OK, "the first exchange once ready again: {o:?}");
