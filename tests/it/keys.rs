@@ -162,17 +162,17 @@ fn set_sealing(dir: &Path, text: &str) {
     std::fs::write(&path, format!("{}{text}{}", &config[..start], &config[end..])).unwrap();
 }
 
-/// The key id of every sealed blob in the SQLite file.
-fn stored_key_ids(dir: &Path) -> Vec<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(dir.join("latchkey.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let mut stmt = conn
-        .prepare(
+/// The key id of every sealed blob in the store, read straight from it.
+async fn stored_key_ids(t: &TestApp) -> Vec<String> {
+    let rows = t
+        .store()
+        .query(
             "SELECT handle FROM credentials WHERE handle IS NOT NULL UNION ALL SELECT sealed_private FROM signing_keys",
         )
-        .unwrap();
-    stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap().map(|b| Sealer::key_id_of(&b.unwrap()).unwrap()).collect()
+        .await;
+    rows.iter()
+        .map(|r| Sealer::key_id_of(&hex::decode(r[0].as_str().expect("bytes, as hex")).unwrap()).unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -210,12 +210,12 @@ async fn a_new_sealing_key_reseals_every_blob_so_the_old_key_can_go() {
     };
     let kid = kid_of(&jwt_exchange(&t).await);
     let blobs = if gh.is_some() { 2 } else { 1 };
-    assert_eq!(stored_key_ids(t.dir.path()), vec![id_a.clone(); blobs]);
+    assert_eq!(stored_key_ids(&t).await, vec![id_a.clone(); blobs]);
 
     // Rotate: B current, A previous. Start-up runs the re-seal pass.
     set_sealing(t.dir.path(), &sealing(&b, &[&a]));
     let t = t.restart().await;
-    assert_eq!(stored_key_ids(t.dir.path()), vec![id_b.clone(); blobs], "every blob is under B now");
+    assert_eq!(stored_key_ids(&t).await, vec![id_b.clone(); blobs], "every blob is under B now");
     let events = t.events("sealing.resealed").await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(

@@ -393,11 +393,21 @@ impl PgCluster {
             let status = Command::new("chown").args(["postgres:postgres"]).arg(dir.path()).status().unwrap();
             assert!(status.success(), "chown postgres {}", dir.path().display());
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let cluster = PgCluster { bin, dir, port };
+        let mut cluster = PgCluster { bin, dir, port: 0 };
         let data = cluster.data();
         cluster.run("initdb", &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"]);
-        cluster.start_server();
+        // A port below Linux's ephemeral range (32768-60999): no outgoing connection and no
+        // `bind(0)` of another test can take it between this choice and the server's bind, or
+        // while a test has the server stopped. Clusters of concurrent tests may still pick the
+        // same one: then another is tried.
+        for attempt in 0.. {
+            cluster.port = unused_port_below_ephemeral();
+            match cluster.try_start_server() {
+                Ok(()) => break,
+                Err(e) if attempt < 5 && e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
         Some(cluster)
     }
 
@@ -412,9 +422,13 @@ impl PgCluster {
 
     /// `pg_ctl start`, waiting until it accepts connections.
     pub fn start_server(&self) {
+        self.try_start_server().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_start_server(&self) -> Result<(), String> {
         let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display());
         let log = self.dir.path().join("server.log").display().to_string();
-        self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"]);
+        self.try_run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "-t", "60", "start"])
     }
 
     /// `pg_ctl stop -m fast`: clients are disconnected, the server shuts down cleanly.
@@ -447,14 +461,20 @@ impl PgCluster {
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
-        let out = self.command(tool).args(args).output().unwrap_or_else(|e| panic!("{tool}: {e}"));
-        assert!(
-            out.status.success(),
+        self.try_run(tool, args).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
+        let out = self.command(tool).args(args).output().map_err(|e| format!("{tool}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
             "{tool} {args:?} failed: {}{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr),
             self.server_log()
-        );
+        ))
     }
 }
 
@@ -466,4 +486,14 @@ impl Drop for PgCluster {
 
 fn as_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A loopback port in 20000-32767 that nothing listens on now.
+fn unused_port_below_ephemeral() -> u16 {
+    loop {
+        let port = 20_000 + (rand::random::<u16>() % 12_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
