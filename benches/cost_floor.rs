@@ -19,7 +19,7 @@ const ISSUER: &str = "http://127.0.0.1:1/dev/oidc";
 
 fn config(dir: &Path) -> Config {
     let text = format!(
-        "[server]\naudience = \"{AUDIENCE}\"\n\n[policies]\ndir = \"{policies}\"\n\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\naudience = \"{AUDIENCE}\"\n\n[policies]\ndir = \"{policies}\"\n\n\
          [[issuer]]\nid = \"github-actions\"\nkind = \"github\"\nurl = \"{ISSUER}\"\nalgorithms = [\"ES256\"]\n\
          max_token_age = \"10m\"\n",
         policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies").display(),
