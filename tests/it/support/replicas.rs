@@ -95,6 +95,13 @@ impl Replica {
         replica
     }
 
+    /// `SIGKILL`s the process, as the OOM killer or a node failure would: no shutdown of any
+    /// kind. The process is reaped when the replica is dropped.
+    pub fn sigkill(&self) {
+        let status = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -KILL {}", self.child.id());
+    }
+
     /// The last `n` lines the process logged.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log.lock().unwrap();
@@ -192,6 +199,12 @@ impl Fleet {
             );
         }
         self
+    }
+
+    /// A new `latchkey serve` process on the fleet's files, as a restarted pod; not added to
+    /// `replicas` (the fleet may be shared), so the caller holds it.
+    pub async fn spawn_extra(&self, name: &str) -> Replica {
+        Replica::spawn(name, &self.config, self.dir.path()).await
     }
 
     /// Waits until replica `i`'s `/readyz` answers 200; how long that took, or `None` if it did
