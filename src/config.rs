@@ -81,7 +81,7 @@ fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `sqlite://PATH` (one node) or `postgres://…` (several replicas). A PostgreSQL URL can
@@ -120,6 +120,28 @@ impl Default for StoreConfig {
             statement_timeout: default_statement_timeout(),
             connect_timeout: default_connect_timeout(),
         }
+    }
+}
+
+/// The URL can carry the database password: `Debug` (panics, error chains, a config printed
+/// while debugging) shows it masked.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("REDACTED"));
+                u.to_string()
+            }
+            Ok(_) => self.url.clone(),
+            // Not a URL: nothing can be told apart from a password, so nothing is shown.
+            Err(_) => "(unparsable)".to_owned(),
+        };
+        f.debug_struct("StoreConfig")
+            .field("url", &url)
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
     }
 }
 
@@ -815,5 +837,16 @@ token_role = "latchkey"
         let mut c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
         c.apply_env(|n| (n == "LATCHKEY_STORE_URL").then(|| "sqlite://other.db".to_string())).unwrap();
         assert_eq!(c.store.url, "sqlite://other.db");
+    }
+
+    #[test]
+    fn a_store_password_never_shows_in_debug_output() {
+        let store =
+            StoreConfig { url: "postgres://latchkey:s3cr3t-pw@db.internal:5432/latchkey".into(), ..Default::default() };
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("postgres://latchkey:REDACTED@db.internal:5432/latchkey"), "{shown}");
+        let store = StoreConfig { url: "sqlite://latchkey.db".into(), ..Default::default() };
+        assert!(format!("{store:?}").contains("sqlite://latchkey.db"));
     }
 }
