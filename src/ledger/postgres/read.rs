@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{PgExecutor, PgPool};
 
 use super::db_err;
 use crate::audit::StoredEvent;
@@ -380,12 +380,6 @@ pub(super) async fn stream_position(pool: &PgPool, name: &str) -> Result<Option<
         .fetch_optional(pool)
         .await
         .map_err(db_err)
-}
-
-/// Kept for the writer, whose connection is not the pool's.
-#[allow(dead_code)]
-pub(super) async fn ping(conn: &mut PgConnection) -> Result<(), LedgerError> {
-    sqlx::query("SELECT 1").execute(conn).await.map(drop).map_err(db_err)
 }
 
 /// The identity's live exchanges at `now`, other than `except`.
