@@ -110,21 +110,14 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     };
     row.identify(&claims);
     let single_use = app.verifier.issuer(&claims.issuer).is_none_or(|i| i.single_use);
+    // Single use: the `jti` to spend, at activation, where the store makes a second spend fail.
     let spent_jti = match (single_use, claims.jti()) {
-        (true, Some(jti)) => {
-            let spent =
-                app.ledger.jti_spent(&claims.issuer, jti, &req.capability).await.map_err(|e| unavailable(&e))?;
-            if spent {
-                let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
-                return Err(refuse(app, row, err, "replayed jti".into()).await);
-            }
-            Some(SpentJti {
-                issuer: claims.issuer.clone(),
-                jti: jti.to_owned(),
-                capability: req.capability.clone(),
-                keep_until: DateTime::from_timestamp(claims.expires_at() + LEEWAY_SECONDS, 0).unwrap_or(now),
-            })
-        }
+        (true, Some(jti)) => Some(SpentJti {
+            issuer: claims.issuer.clone(),
+            jti: jti.to_owned(),
+            capability: req.capability.clone(),
+            keep_until: DateTime::from_timestamp(claims.expires_at() + LEEWAY_SECONDS, 0).unwrap_or(now),
+        }),
         _ => None,
     };
 
@@ -151,6 +144,18 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
         return Err(refuse(app, row, err, format!("kill rule {}", rule.id)).await);
     }
 
+    // A replayed token is refused before anything is spent on it: a rate charged, a backend
+    // called. When neither would happen (local grants, no rate), activation's binding check is
+    // the whole check and this read is saved.
+    let local = grants.iter().all(|g| app.backends.get(&g.spec.backend()).is_some_and(|b| b.is_local()));
+    if let Some(jti) = spent_jti.as_ref().filter(|_| !local || limits.charges_rate()) {
+        let spent = app.ledger.jti_spent(&jti.issuer, &jti.jti, &jti.capability).await.map_err(|e| unavailable(&e))?;
+        if spent {
+            let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
+            return Err(refuse(app, row, err, "replayed jti".into()).await);
+        }
+    }
+
     // The policy's limits, after the kill check (a killed identity hears 403, not "wait"). Rates
     // are counted in the store, so across replicas; `max_active` is checked again, binding, at
     // activation.
@@ -167,7 +172,6 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
 
     // Step 5: record intent, durably, before any backend is called. Grants whose backends keep
     // no state outside latchkey (jwt) need none: steps 5 to 7 then commit as one transaction.
-    let local = grants.iter().all(|g| app.backends.get(&g.spec.backend()).is_some_and(|b| b.is_local()));
     let pending: Vec<CredentialRow> = grants.iter().map(|g| row.pending_credential(g, now)).collect();
     let expires_at = pending.iter().map(|c| c.expires_at).max().unwrap_or(now + to_chrono(ttl));
     let (release_token, release_hash) = new_release_token();

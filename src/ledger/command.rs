@@ -152,6 +152,36 @@ pub(in crate::ledger) enum FinishParams {
     Failed { error: String, event: EventParams },
 }
 
+/// What an activation is judged by, with kill creation held off (DESIGN step 7): the kill epoch
+/// the exchange's in-memory check saw, its subject, its `jti` to spend, and its `max_active`.
+pub(in crate::ledger) struct Gate<'a> {
+    pub(in crate::ledger) now: DateTime<Utc>,
+    pub(in crate::ledger) seen_kill_epoch: i64,
+    pub(in crate::ledger) subject: &'a KillSubject,
+    /// `(issuer, jti, capability, keep_until)`.
+    pub(in crate::ledger) jti: Option<&'a (String, String, String, String)>,
+    pub(in crate::ledger) max_active: Option<&'a ActiveLimit>,
+}
+
+/// An intent is a pending exchange with its pending credentials.
+pub(in crate::ledger) fn check_intent(
+    exchange: &ExchangeParams,
+    credentials: &[CredentialParams],
+) -> Result<(), LedgerError> {
+    if exchange.state != ExchangeState::Pending {
+        return Err(LedgerError::Conflict(format!("an intent is pending, not {}", exchange.state.as_str())));
+    }
+    for c in credentials {
+        if c.exchange_id != exchange.id {
+            return Err(LedgerError::Conflict(format!("credential {} belongs to another exchange", c.id)));
+        }
+        if c.state != CredentialState::Pending {
+            return Err(LedgerError::Conflict(format!("credential {} is {}, not pending", c.id, c.state.as_str())));
+        }
+    }
+    Ok(())
+}
+
 /// One write command.
 pub(in crate::ledger) enum Op {
     Refusal {

@@ -79,6 +79,13 @@ pub struct Limits {
     pub max_active: Option<u32>,
 }
 
+impl Limits {
+    /// Whether an exchange is charged against a rate bucket.
+    pub fn charges_rate(&self) -> bool {
+        self.per_identity.is_some() || self.per_capability.is_some()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {

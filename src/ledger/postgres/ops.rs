@@ -11,16 +11,17 @@ use uuid::Uuid;
 use super::db_err;
 use super::read;
 use crate::audit::{AuditEvent, chain_hash};
-use crate::kill::{KillRule, KillSubject};
+use crate::kill::KillRule;
 use crate::ledger::command::{
-    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply, resealed_event,
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, Op, Reply, check_intent,
+    resealed_event,
 };
 use crate::ledger::rows::{
     self, id, job_columns, job_from_row, kill_rule_from_row, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
 };
 use crate::ledger::{
-    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount,
-    RevokeRequest, SealedKind, StoredKill,
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, RevokeRequest,
+    SealedKind, StoredKill,
 };
 use crate::policy::limits::gcra;
 
@@ -60,26 +61,19 @@ impl Tx<'_> {
                 self.append(&event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::IssueLocal { exchange, credentials, activate } => {
-                // One savepoint holds both: a refused activation takes the intent rows with it.
-                self.insert_intent(&exchange, &credentials).await?;
-                match *activate {
-                    Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
-                        self.activate(
-                            &exchange_id,
-                            now,
-                            seen_kill_epoch,
-                            &subject,
-                            jti.as_ref(),
-                            max_active.as_ref(),
-                            &jobs,
-                            &event,
-                        )
-                        .await
-                    }
-                    _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+            Op::IssueLocal { exchange, credentials, activate } => match *activate {
+                Op::Activate { now, seen_kill_epoch, subject, jti, max_active, jobs, event, .. } => {
+                    let gate = Gate {
+                        now,
+                        seen_kill_epoch,
+                        subject: &subject,
+                        jti: jti.as_ref(),
+                        max_active: max_active.as_ref(),
+                    };
+                    self.issue_local(exchange, credentials, &gate, &jobs, &event).await
                 }
-            }
+                _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+            },
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 let n = self
                     .exec(
@@ -99,17 +93,14 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
-                self.activate(
-                    &exchange_id,
+                let gate = Gate {
                     now,
                     seen_kill_epoch,
-                    &subject,
-                    jti.as_ref(),
-                    max_active.as_ref(),
-                    &jobs,
-                    &event,
-                )
-                .await
+                    subject: &subject,
+                    jti: jti.as_ref(),
+                    max_active: max_active.as_ref(),
+                };
+                self.activate(&exchange_id, &gate, &jobs, &event).await
             }
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event).await
@@ -319,57 +310,49 @@ impl Tx<'_> {
         exchange: &ExchangeParams,
         credentials: &[CredentialParams],
     ) -> Result<(), LedgerError> {
-        if exchange.state != ExchangeState::Pending {
-            return Err(LedgerError::Conflict(format!("an intent is pending, not {}", exchange.state.as_str())));
-        }
+        check_intent(exchange, credentials)?;
         self.insert_exchange(exchange).await?;
         for c in credentials {
-            if c.exchange_id != exchange.id {
-                return Err(LedgerError::Conflict(format!("credential {} belongs to another exchange", c.id)));
-            }
-            if c.state != CredentialState::Pending {
-                return Err(LedgerError::Conflict(format!("credential {} is {}, not pending", c.id, c.state.as_str())));
-            }
-            self.exec(
-                sqlx::query(concat!(
-                    "INSERT INTO credentials (",
-                    rows::credential_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-                ))
-                .bind(&c.id)
-                .bind(&c.exchange_id)
-                .bind(&c.name)
-                .bind(c.backend)
-                .bind(c.state.as_str())
-                .bind(&c.agent)
-                .bind(&c.capability)
-                .bind(&c.issuer)
-                .bind(&c.subject)
-                .bind(&c.repository)
-                .bind(&c.workflow)
-                .bind(&c.created_at)
-                .bind(&c.expires_at)
-                .bind(&c.fingerprint)
-                .bind(&c.handle)
-                .bind(c.revoke_requested)
-                .bind(&c.revoked_at),
-            )
-            .await?;
+            self.insert_credential(c).await?;
         }
         Ok(())
     }
 
+    async fn insert_credential(&mut self, c: &CredentialParams) -> Result<(), LedgerError> {
+        self.exec(
+            sqlx::query(concat!(
+                "INSERT INTO credentials (",
+                rows::credential_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            ))
+            .bind(&c.id)
+            .bind(&c.exchange_id)
+            .bind(&c.name)
+            .bind(c.backend)
+            .bind(c.state.as_str())
+            .bind(&c.agent)
+            .bind(&c.capability)
+            .bind(&c.issuer)
+            .bind(&c.subject)
+            .bind(&c.repository)
+            .bind(&c.workflow)
+            .bind(&c.created_at)
+            .bind(&c.expires_at)
+            .bind(&c.fingerprint)
+            .bind(&c.handle)
+            .bind(c.revoke_requested)
+            .bind(&c.revoked_at),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// DESIGN step 7, under the chain lock that [`Tx::create_kill`] also holds: an activation
-    /// and a kill never interleave, on whatever replicas they run.
-    #[allow(clippy::too_many_arguments)]
+    /// and a kill on any replica are serialized.
     async fn activate(
         &mut self,
         exchange_id: &str,
-        now: DateTime<Utc>,
-        seen_kill_epoch: i64,
-        subject: &KillSubject,
-        jti: Option<&(String, String, String, String)>,
-        max_active: Option<&ActiveLimit>,
+        gate: &Gate<'_>,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -383,17 +366,7 @@ impl Tx<'_> {
             return Err(self.exchange_not_pending(exchange_id, "be activated").await?);
         }
 
-        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
-        let epoch = read::kill_epoch(&mut *self.conn).await?;
-        if epoch != seen_kill_epoch {
-            for rule in read::rules_in_force(&mut *self.conn, now).await? {
-                if rule.selector.matches(subject) {
-                    return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: Some(rule.id) })));
-                }
-            }
-        }
-
-        // (2) A row a kill marked while pending never becomes active.
+        // A row a kill marked while pending never becomes active, whatever the epoch says.
         let marked: Option<i32> =
             sqlx::query_scalar("SELECT 1 FROM credentials WHERE exchange_id = $1 AND revoke_requested LIMIT 1")
                 .bind(exchange_id)
@@ -403,19 +376,72 @@ impl Tx<'_> {
         if marked.is_some() {
             return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
         }
+        if let Some(refused) = self.gate(gate, Some(exchange_id)).await? {
+            return Ok(Applied::undo(Reply::Activation(refused)));
+        }
 
-        // (3) The policy's max_active, judged with every other activation held off.
-        if let Some(limit) = max_active {
-            let live =
-                read::live_count(&mut *self.conn, &limit.agent, limit.repository.as_deref(), now, Some(exchange_id))
-                    .await?;
-            if live.exchanges >= u64::from(limit.limit) {
-                return Ok(Applied::undo(Reply::Activation(Activation::Limited { live: live.exchanges })));
+        self.exec(
+            sqlx::query("UPDATE credentials SET state = 'active' WHERE exchange_id = $1 AND state = 'pending'")
+                .bind(exchange_id),
+        )
+        .await?;
+        for job in jobs {
+            self.insert_job(job).await?;
+        }
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    /// Steps 5 to 7 at once for credentials no outside system holds (`jwt`): the activation's
+    /// checks first, then the rows written once, already `allowed` and `active`. No kill can
+    /// have marked rows that did not exist, so the gate is the whole check.
+    async fn issue_local(
+        &mut self,
+        exchange: ExchangeParams,
+        credentials: Vec<CredentialParams>,
+        gate: &Gate<'_>,
+        jobs: &[JobParams],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        check_intent(&exchange, &credentials)?;
+        if let Some(refused) = self.gate(gate, None).await? {
+            return Ok(Applied::undo(Reply::Activation(refused)));
+        }
+        self.insert_exchange(&ExchangeParams { state: ExchangeState::Allowed, ..exchange }).await?;
+        for c in credentials {
+            self.insert_credential(&CredentialParams { state: CredentialState::Active, ..c }).await?;
+        }
+        for job in jobs {
+            self.insert_job(job).await?;
+        }
+        self.append(event).await?;
+        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    /// The checks every activation passes under the chain lock: a refusal, or `None` when the
+    /// credentials may become active (and the `jti` is then spent).
+    async fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
+        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
+        if read::kill_epoch(&mut *self.conn).await? != gate.seen_kill_epoch {
+            for rule in read::rules_in_force(&mut *self.conn, gate.now).await? {
+                if rule.selector.matches(gate.subject) {
+                    return Ok(Some(Activation::Killed { rule_id: Some(rule.id) }));
+                }
             }
         }
 
-        // (4) Single use, across replicas: the primary key makes a second spend a no-op.
-        if let Some((issuer, jti, capability, keep_until)) = jti {
+        // (2) The policy's max_active, judged with every other activation held off.
+        if let Some(limit) = gate.max_active {
+            let live =
+                read::live_count(&mut *self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)
+                    .await?;
+            if live.exchanges >= u64::from(limit.limit) {
+                return Ok(Some(Activation::Limited { live: live.exchanges }));
+            }
+        }
+
+        // (3) Single use, across replicas: the primary key makes a second spend a no-op.
+        if let Some((issuer, jti, capability, keep_until)) = gate.jti {
             let n = self
                 .exec(
                     sqlx::query(
@@ -429,21 +455,10 @@ impl Tx<'_> {
                 )
                 .await?;
             if n == 0 {
-                return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
+                return Ok(Some(Activation::Replay));
             }
         }
-
-        // (5) Activate.
-        self.exec(
-            sqlx::query("UPDATE credentials SET state = 'active' WHERE exchange_id = $1 AND state = 'pending'")
-                .bind(exchange_id),
-        )
-        .await?;
-        for job in jobs {
-            self.insert_job(job).await?;
-        }
-        self.append(event).await?;
-        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+        Ok(None)
     }
 
     async fn abort(

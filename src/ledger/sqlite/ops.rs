@@ -15,14 +15,15 @@ use super::codec::{
 };
 use super::writer::ChainHead;
 use crate::audit::{AuditEvent, chain_hash};
-use crate::kill::{KillRule, KillSubject};
+use crate::kill::KillRule;
 use crate::ledger::command::{
-    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, JobParams, Op, Reply, resealed_event,
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, Op, Reply, check_intent,
+    resealed_event,
 };
 use crate::ledger::rows::{self, LiveExchange, LiveRow, id, ts, ts_opt};
 use crate::ledger::{
-    Activation, ActiveLimit, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount,
-    RevokeRequest, SealedKind, StoredKill,
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, RevokeRequest,
+    SealedKind, StoredKill,
 };
 use crate::policy::limits::gcra;
 
@@ -68,15 +69,19 @@ impl Tx<'_> {
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::IssueLocal { exchange, credentials, activate } => {
-                // One savepoint holds both: when activation refuses (killed, replayed), its undo
-                // takes the intent rows with it and nothing is written.
-                self.insert_intent(&exchange, &credentials)?;
-                match *activate {
-                    op @ Op::Activate { .. } => self.apply(op),
-                    _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+            Op::IssueLocal { exchange, credentials, activate } => match *activate {
+                Op::Activate { now, seen_kill_epoch, subject, jti, max_active, jobs, event, .. } => {
+                    let gate = Gate {
+                        now,
+                        seen_kill_epoch,
+                        subject: &subject,
+                        jti: jti.as_ref(),
+                        max_active: max_active.as_ref(),
+                    };
+                    self.issue_local(exchange, credentials, &gate, &jobs, &event)
                 }
-            }
+                _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
+            },
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 // Only a pending row takes a handle: an active row's handle is what revocation
                 // relies on, and a finished row has nothing left to revoke. A row a kill marked
@@ -92,16 +97,16 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => self.activate(
-                &exchange_id,
-                now,
-                seen_kill_epoch,
-                &subject,
-                jti.as_ref(),
-                max_active.as_ref(),
-                &jobs,
-                &event,
-            ),
+            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
+                let gate = Gate {
+                    now,
+                    seen_kill_epoch,
+                    subject: &subject,
+                    jti: jti.as_ref(),
+                    max_active: max_active.as_ref(),
+                };
+                self.activate(&exchange_id, &gate, &jobs, &event)
+            }
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event)
             }
@@ -256,56 +261,48 @@ impl Tx<'_> {
     ) -> Result<(), LedgerError> {
         // Intent is recorded before any backend is called: everything starts pending, so that a
         // crash leaves rows the reconciler recognizes.
-        if exchange.state != ExchangeState::Pending {
-            return Err(LedgerError::Conflict(format!("an intent is pending, not {}", exchange.state.as_str())));
-        }
+        check_intent(exchange, credentials)?;
         self.insert_exchange(exchange)?;
         for c in credentials {
-            if c.exchange_id != exchange.id {
-                return Err(LedgerError::Conflict(format!("credential {} belongs to another exchange", c.id)));
-            }
-            if c.state != CredentialState::Pending {
-                return Err(LedgerError::Conflict(format!("credential {} is {}, not pending", c.id, c.state.as_str())));
-            }
-            exec(
-                self.conn,
-                INSERT_CREDENTIAL,
-                params![
-                    c.id,
-                    c.exchange_id,
-                    c.name,
-                    c.backend,
-                    c.state.as_str(),
-                    c.agent,
-                    c.capability,
-                    c.issuer,
-                    c.subject,
-                    c.repository,
-                    c.workflow,
-                    c.created_at,
-                    c.expires_at,
-                    c.fingerprint,
-                    c.handle,
-                    c.revoke_requested,
-                    c.revoked_at,
-                ],
-            )?;
+            self.insert_credential(c)?;
         }
+        Ok(())
+    }
+
+    fn insert_credential(&self, c: &CredentialParams) -> Result<(), LedgerError> {
+        exec(
+            self.conn,
+            INSERT_CREDENTIAL,
+            params![
+                c.id,
+                c.exchange_id,
+                c.name,
+                c.backend,
+                c.state.as_str(),
+                c.agent,
+                c.capability,
+                c.issuer,
+                c.subject,
+                c.repository,
+                c.workflow,
+                c.created_at,
+                c.expires_at,
+                c.fingerprint,
+                c.handle,
+                c.revoke_requested,
+                c.revoked_at,
+            ],
+        )?;
         Ok(())
     }
 
     /// DESIGN step 7. In SQLite every write runs on the one writer connection inside `BEGIN
     /// IMMEDIATE`, so reading `kill_epoch` here is already serialized with [`Tx::create_kill`]'s
     /// bump of it; a PostgreSQL store takes the same row lock explicitly.
-    #[allow(clippy::too_many_arguments)]
     fn activate(
         &mut self,
         exchange_id: &str,
-        now: DateTime<Utc>,
-        seen_kill_epoch: i64,
-        subject: &KillSubject,
-        jti: Option<&(String, String, String, String)>,
-        max_active: Option<&ActiveLimit>,
+        gate: &Gate<'_>,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -318,19 +315,8 @@ impl Tx<'_> {
             return Err(self.exchange_not_pending(exchange_id, "be activated")?);
         }
 
-        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again with
-        // the rules as stored now.
-        let epoch = self.kill_epoch()?;
-        if epoch != seen_kill_epoch {
-            for rule in self.rules_in_force(now)? {
-                if rule.selector.matches(subject) {
-                    return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: Some(rule.id) })));
-                }
-            }
-        }
-
-        // (2) A kill that matched while the rows were pending marked them; whatever the epoch
-        // says, a marked row never becomes active.
+        // A kill that matched while the rows were pending marked them; whatever the epoch says,
+        // a marked row never becomes active.
         let marked = query_opt(
             self.conn,
             "SELECT 1 FROM credentials WHERE exchange_id = ?1 AND revoke_requested = TRUE LIMIT 1",
@@ -340,30 +326,10 @@ impl Tx<'_> {
         if marked.is_some() {
             return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
         }
-
-        // (3) The policy's max_active, judged with every other activation held off.
-        if let Some(limit) = max_active {
-            let live =
-                super::read::live_count(self.conn, &limit.agent, limit.repository.as_deref(), now, Some(exchange_id))?;
-            if live.exchanges >= u64::from(limit.limit) {
-                return Ok(Applied::undo(Reply::Activation(Activation::Limited { live: live.exchanges })));
-            }
+        if let Some(refused) = self.gate(gate, Some(exchange_id))? {
+            return Ok(Applied::undo(Reply::Activation(refused)));
         }
 
-        // (4) Single use: the binding check. The primary key makes a second spend a no-op.
-        if let Some((issuer, jti, capability, keep_until)) = jti {
-            let n = exec(
-                self.conn,
-                "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (issuer, jti, capability) DO NOTHING",
-                params![issuer, jti, capability, keep_until],
-            )?;
-            if n == 0 {
-                return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
-            }
-        }
-
-        // (5) Activate.
         exec(
             self.conn,
             "UPDATE credentials SET state = 'active' WHERE exchange_id = ?1 AND state = 'pending'",
@@ -374,6 +340,69 @@ impl Tx<'_> {
         }
         self.append(event)?;
         Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    /// Steps 5 to 7 at once for credentials no outside system holds (`jwt`): the checks of the
+    /// activation come first, then the rows are written once, already `allowed` and `active`.
+    /// No kill can have marked rows that did not exist, so the gate is the whole check.
+    fn issue_local(
+        &mut self,
+        exchange: ExchangeParams,
+        credentials: Vec<CredentialParams>,
+        gate: &Gate<'_>,
+        jobs: &[JobParams],
+        event: &EventParams,
+    ) -> Result<Applied, LedgerError> {
+        check_intent(&exchange, &credentials)?;
+        if let Some(refused) = self.gate(gate, None)? {
+            return Ok(Applied::undo(Reply::Activation(refused)));
+        }
+        self.insert_exchange(&ExchangeParams { state: ExchangeState::Allowed, ..exchange })?;
+        for c in credentials {
+            self.insert_credential(&CredentialParams { state: CredentialState::Active, ..c })?;
+        }
+        for job in jobs {
+            self.insert_job(job)?;
+        }
+        self.append(event)?;
+        Ok(Applied::keep(Reply::Activation(Activation::Activated)))
+    }
+
+    /// The checks every activation passes, with kill creation held off: a refusal, or `None`
+    /// when the credentials may become active (and the `jti` is then spent).
+    fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
+        // (1) A kill created since the in-memory check of step 3 saw the rules: judge again with
+        // the rules as stored now.
+        if self.kill_epoch()? != gate.seen_kill_epoch {
+            for rule in self.rules_in_force(gate.now)? {
+                if rule.selector.matches(gate.subject) {
+                    return Ok(Some(Activation::Killed { rule_id: Some(rule.id) }));
+                }
+            }
+        }
+
+        // (2) The policy's max_active, judged with every other activation held off.
+        if let Some(limit) = gate.max_active {
+            let live =
+                super::read::live_count(self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)?;
+            if live.exchanges >= u64::from(limit.limit) {
+                return Ok(Some(Activation::Limited { live: live.exchanges }));
+            }
+        }
+
+        // (3) Single use: the binding check. The primary key makes a second spend a no-op.
+        if let Some((issuer, jti, capability, keep_until)) = gate.jti {
+            let n = exec(
+                self.conn,
+                "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (issuer, jti, capability) DO NOTHING",
+                params![issuer, jti, capability, keep_until],
+            )?;
+            if n == 0 {
+                return Ok(Some(Activation::Replay));
+            }
+        }
+        Ok(None)
     }
 
     fn abort(
