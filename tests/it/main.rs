@@ -8,6 +8,7 @@ mod aws;
 mod ci;
 mod cli;
 mod exchange;
+mod faults;
 mod github;
 mod hostile;
 mod keys;

@@ -7,7 +7,8 @@ use serde_json::json;
 use crate::support::peers::OidcPeer;
 use crate::support::test_app::{AUDIENCE, TestApp};
 
-const PEER_POLICY: &str = r#"
+/// A `jwt` grant for pull requests and pushes of `acme/widgets`, through the issuer `peer-actions`.
+pub(crate) const PEER_POLICY: &str = r#"
 description = "pr review through the peer issuer"
 agent = "peer-reviewer"
 issuer = "peer-actions"

@@ -15,73 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
-use crate::support::replicas::{Fleet, PgCluster, postgres_run};
-
-/// What a load worker saw of one exchange.
-#[derive(Debug, Clone)]
-struct Seen {
-    replica: usize,
-    sent: Instant,
-    answered: Instant,
-    status: StatusCode,
-    error: Option<String>,
-    exchange_id: Option<String>,
-    credential_id: Option<String>,
-}
-
-impl Seen {
-    /// One `pr-review` exchange; no answer at all is recorded as a 599 with the client's error.
-    async fn exchange(fleet: &Fleet, replica: usize) -> Seen {
-        let sent = Instant::now();
-        let (status, body) = match fleet.try_exchange(replica, &fleet.pr_token(), "pr-review").await {
-            Ok(a) => (a.status, a.body),
-            Err(e) => (StatusCode::from_u16(599).unwrap(), json!({ "error": format!("no answer: {e}") })),
-        };
-        Seen {
-            replica,
-            sent,
-            answered: Instant::now(),
-            status,
-            error: body["error"].as_str().map(str::to_owned),
-            exchange_id: body["exchange_id"].as_str().map(str::to_owned),
-            credential_id: body["credentials"][0]["id"].as_str().map(str::to_owned),
-        }
-    }
-}
-
-/// `workers` loops per replica in `replicas`, each sending `pr-review` exchanges one after the
-/// other until `stop` is set; everything they saw.
-fn load(
-    fleet: &Arc<Fleet>,
-    replicas: &[usize],
-    workers: usize,
-    stop: &Arc<AtomicBool>,
-) -> tokio::task::JoinSet<Vec<Seen>> {
-    let mut set = tokio::task::JoinSet::new();
-    for &replica in replicas {
-        for _ in 0..workers {
-            let (fleet, stop) = (fleet.clone(), stop.clone());
-            set.spawn(async move {
-                let mut seen = Vec::new();
-                // Bounded in count as well as in time.
-                while !stop.load(Ordering::SeqCst) && seen.len() < 5_000 {
-                    seen.push(Seen::exchange(&fleet, replica).await);
-                }
-                seen
-            });
-        }
-    }
-    set
-}
-
-async fn collect(mut set: tokio::task::JoinSet<Vec<Seen>>) -> Vec<Seen> {
-    let mut all = Vec::new();
-    while let Some(seen) = set.join_next().await {
-        all.extend(seen.unwrap());
-    }
-    all.sort_by_key(|s| s.sent);
-    all
-}
+use crate::support::replicas::{Fleet, PgCluster, Seen, assert_acknowledged_are_recorded, collect, load, postgres_run};
 
 /// Waits until no credential of `agent` is live, as seen through replica 0; how long it took.
 async fn wait_no_live(fleet: &Fleet, agent: &str, limit: Duration) -> Duration {
@@ -400,26 +334,7 @@ async fn replicas_recover_from_a_postgres_restart_without_losing_an_acknowledged
         assert_eq!(a.status, StatusCode::OK, "replica {i} after the restart: {}", a.text);
     }
 
-    let stored: BTreeSet<String> = fleet
-        .store
-        .query("SELECT id FROM exchanges WHERE state = 'allowed'")
-        .await
-        .into_iter()
-        .map(|r| r[0].as_str().unwrap().to_owned())
-        .collect();
-    let lost: Vec<&String> =
-        ok.iter().filter_map(|s| s.exchange_id.as_ref()).filter(|id| !stored.contains(*id)).collect();
-    assert!(lost.is_empty(), "exchanges answered 200 without their row: {lost:?}");
-    let events = fleet.audit(0).await;
-    let on_chain: BTreeSet<&str> = events
-        .iter()
-        .map(|i| &i["event"])
-        .filter(|e| e["event"] == "exchange.allowed")
-        .filter_map(|e| e["exchange_id"].as_str())
-        .collect();
-    let unlogged: Vec<&String> =
-        ok.iter().filter_map(|s| s.exchange_id.as_ref()).filter(|id| !on_chain.contains(id.as_str())).collect();
-    assert!(unlogged.is_empty(), "exchanges answered 200 without their audit event: {unlogged:?}");
+    assert_acknowledged_are_recorded(&fleet, &seen, 0).await;
     let (ok, out) = fleet.audit_verify(1);
     assert!(ok, "audit verify after the restart: {out}");
 }
@@ -720,27 +635,7 @@ async fn a_replica_killed_under_load_loses_no_acknowledged_exchange() {
     ]);
     assert_eq!(again.send().await.unwrap().status(), StatusCode::OK);
 
-    let rows = |sql: &'static str| {
-        let fleet = fleet.clone();
-        async move {
-            fleet.store.query(sql).await.into_iter().map(|r| r[0].as_str().unwrap().to_owned()).collect::<BTreeSet<_>>()
-        }
-    };
-    let exchanges = rows("SELECT id FROM exchanges WHERE state = 'allowed'").await;
-    let credentials = rows("SELECT id FROM credentials").await;
-    for s in &ok {
-        let (exchange, credential) = (s.exchange_id.as_ref().unwrap(), s.credential_id.as_ref().unwrap());
-        assert!(exchanges.contains(exchange), "exchange {exchange} was answered 200 but has no row");
-        assert!(credentials.contains(credential), "credential {credential} was issued but has no row");
-    }
-    let events = fleet.audit(1).await;
-    let allowed: BTreeSet<&str> = events
-        .iter()
-        .map(|i| &i["event"])
-        .filter(|e| e["event"] == "exchange.allowed")
-        .filter_map(|e| e["exchange_id"].as_str())
-        .collect();
-    assert!(ok.iter().all(|s| allowed.contains(s.exchange_id.as_deref().unwrap())), "an allowed exchange is unaudited");
+    assert_acknowledged_are_recorded(&fleet, &seen, 1).await;
     let (verified, out) = fleet.audit_verify(1);
     assert!(verified, "audit verify after the kill: {out}");
     println!(

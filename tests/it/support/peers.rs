@@ -44,13 +44,27 @@ fn http_client() -> reqwest::Client {
 #[derive(Debug, Clone)]
 pub struct OidcPeer {
     url: String,
+    /// The URL of the process's first issuer, the shared one: controls that must reach the
+    /// process while this issuer is down go there.
+    shared: String,
     http: reqwest::Client,
+}
+
+/// What [`OidcPeer::outage`] makes of an issuer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// Its port is closed: connections are refused.
+    Refused,
+    /// It accepts connections and never answers.
+    Hanging,
+    /// It serves again, with the same keys.
+    Up,
 }
 
 impl OidcPeer {
     /// The shared issuer, from `LATCHKEY_TEST_OIDC_URL`; see the module docs when it is unset.
     pub fn from_env() -> Option<OidcPeer> {
-        peer_var(OIDC_URL_VAR, "OIDC").map(|url| OidcPeer { url, http: http_client() })
+        peer_var(OIDC_URL_VAR, "OIDC").map(|url| OidcPeer { shared: url.clone(), url, http: http_client() })
     }
 
     /// The issuer URL, which is also the `iss` of its tokens.
@@ -102,7 +116,20 @@ impl OidcPeer {
     pub async fn new_issuer(&self, alg: &str) -> OidcPeer {
         let answer = self.post("/_control/issuers", &[("alg", alg.to_owned())]).await;
         let url = answer["url"].as_str().unwrap_or_else(|| panic!("no url for the new issuer: {answer}"));
-        OidcPeer { url: url.to_owned(), http: self.http.clone() }
+        OidcPeer { url: url.to_owned(), shared: self.shared.clone(), http: self.http.clone() }
+    }
+
+    /// Takes this issuer down, or brings it back. Only for an issuer of a test's own
+    /// ([`OidcPeer::new_issuer`]): the shared one serves every other test.
+    pub async fn outage(&self, mode: Outage) {
+        assert_ne!(self.url, self.shared, "the shared issuer must stay up: take an issuer of the test's own");
+        let mode = match mode {
+            Outage::Refused => "refused",
+            Outage::Hanging => "hanging",
+            Outage::Up => "up",
+        };
+        let control = OidcPeer { url: self.shared.clone(), ..self.clone() };
+        control.post("/_control/outage", &[("url", self.url.clone()), ("mode", mode.to_owned())]).await;
     }
 
     async fn post(&self, path: &str, form: &[(&str, String)]) -> Value {

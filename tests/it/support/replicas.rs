@@ -1,18 +1,22 @@
-//! Several real `latchkey serve` processes on one PostgreSQL schema, and PostgreSQL clusters of
-//! a test's own, for the replica and fault tests (`tests/it/postgres_replicas.rs`).
+//! Real `latchkey serve` processes: several on one PostgreSQL schema, or one on a SQLite file,
+//! and PostgreSQL clusters of a test's own, for the replica and fault tests
+//! (`tests/it/postgres_replicas.rs`, `tests/it/faults.rs`).
 //!
 //! A [`Fleet`] is what an operator runs: one configuration file, one sealing key shared by
 //! every replica, the example policies, the `jwt` backend, an in-process [`TestIssuer`], and a
-//! schema migrated with `latchkey migrate` before any replica starts. Each [`Replica`] is a child
+//! store migrated with `latchkey migrate` before any replica starts. Each [`Replica`] is a child
 //! process, killed when dropped, so that a failing test leaves nothing running; when the test
-//! panics, the tail of each replica's log is printed.
+//! panics, the tail of each replica's log is printed. [`load`] drives a fleet from concurrent
+//! clients and [`assert_acknowledged_are_recorded`] checks what the store kept of it.
 //!
 //! A [`PgCluster`] is a throwaway PostgreSQL (`initdb`, `pg_ctl`) on a free port, for tests that
 //! stop or restart the database: the machine's server is shared and never touched.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,9 +56,14 @@ pub struct Replica {
 impl Replica {
     /// Starts `latchkey serve --config CONFIG` in `dir` and waits until it listens (not until it
     /// is ready: see [`Fleet::wait_ready`]).
+    ///
+    /// It starts through `sh`, which sets `SIGXFSZ` to be ignored and then becomes the server
+    /// (`exec`, same pid): a write past the file size limit of [`Replica::limit_file_size`] then
+    /// fails with `EFBIG`, as a write to a full disk fails with `ENOSPC`, instead of killing the
+    /// process.
     async fn spawn(name: &str, config: &Path, dir: &Path) -> Replica {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_latchkey"))
-            .args(["serve", "--config"])
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_latchkey"), "serve", "--config"])
             .arg(config)
             .current_dir(dir)
             .env("LATCHKEY_LOG_FORMAT", "json")
@@ -102,6 +111,18 @@ impl Replica {
         assert!(status.success(), "kill -KILL {}", self.child.id());
     }
 
+    /// Sets the process's file size limit (`RLIMIT_FSIZE`, soft) to `bytes`, or lifts it with
+    /// `None`, from outside, as `prlimit` does; no privilege is needed for a process of one's
+    /// own. With a limit of 0 every write to a file fails: to the process, its disk is full.
+    pub fn limit_file_size(&self, bytes: Option<u64>) {
+        let soft = bytes.map_or("unlimited".to_owned(), |b| b.to_string());
+        let out = Command::new("prlimit")
+            .args(["--pid", &self.child.id().to_string(), &format!("--fsize={soft}:")])
+            .output()
+            .expect("prlimit (util-linux) runs");
+        assert!(out.status.success(), "prlimit --fsize={soft}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The last `n` lines the process logged.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log.lock().unwrap();
@@ -119,7 +140,8 @@ impl Drop for Replica {
     }
 }
 
-/// Replicas of one broker on one PostgreSQL schema.
+/// Replicas of one broker on one store: a PostgreSQL schema, or a SQLite file, which one
+/// process at a time may hold.
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub issuer: TestIssuer,
@@ -150,8 +172,28 @@ impl Fleet {
 
     /// Like [`Fleet::prepare`], with `store_lines` added to the `[store]` table.
     pub async fn prepare_with(pg_url: &str, store_lines: &str) -> Fleet {
-        let issuer = TestIssuer::start().await;
         let dir = tempfile::tempdir().unwrap();
+        let store = Store::postgres_schema(pg_url).await;
+        Fleet::prepare_in(dir, store, store_lines, "").await
+    }
+
+    /// One replica on a SQLite file of the fleet's folder, migrated and ready, with an audit
+    /// checkpoint key (`checkpoint.key`) so that `latchkey audit verify --config` can check the
+    /// file offline. A restart is [`Fleet::respawn`]: the file takes one process at a time.
+    pub async fn sqlite() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Sqlite { path: dir.path().join("latchkey.db") };
+        latchkey::checkpoint::generate_key_file(&dir.path().join("checkpoint.key")).unwrap();
+        let audit = "[audit]\ncheckpoint_key_file = \"checkpoint.key\"\n";
+        let fleet = Fleet::prepare_in(dir, store, "", audit).await;
+        fleet.migrate();
+        fleet.with_replicas(1).await
+    }
+
+    /// The files of a fleet in `dir` on `store`: `store_lines` go to the `[store]` table,
+    /// `tables` after every table of the configuration.
+    async fn prepare_in(dir: tempfile::TempDir, store: Store, store_lines: &str, tables: &str) -> Fleet {
+        let issuer = TestIssuer::start().await;
         let policies = dir.path().join("policies");
         std::fs::create_dir_all(&policies).unwrap();
         for entry in std::fs::read_dir(repo_path("policies")).unwrap().flatten() {
@@ -161,9 +203,8 @@ impl Fleet {
         }
         // One sealing key for every replica, as a Kubernetes secret would give them.
         latchkey::seal::generate_key_file(&dir.path().join("latchkey.key")).unwrap();
-        let store = Store::postgres_schema(pg_url).await;
         let config = dir.path().join("latchkey.toml");
-        std::fs::write(&config, config_text(&issuer.url, &store.config_url(), store_lines)).unwrap();
+        std::fs::write(&config, config_text(&issuer.url, &store.config_url(), store_lines, tables)).unwrap();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         Fleet { dir, issuer, store, config, replicas: Vec::new(), client }
     }
@@ -205,6 +246,17 @@ impl Fleet {
     /// `replicas` (the fleet may be shared), so the caller holds it.
     pub async fn spawn_extra(&self, name: &str) -> Replica {
         Replica::spawn(name, &self.config, self.dir.path()).await
+    }
+
+    /// Replaces replica `i` by a new process on the same files, as a pod restarted after its
+    /// process died; the old process is reaped. Returns how long the new one took to listen.
+    pub async fn respawn(&mut self, i: usize) -> Duration {
+        let started = Instant::now();
+        let name = format!("{}2", self.replicas[i].name);
+        let replica = Replica::spawn(&name, &self.config, self.dir.path()).await;
+        let listening = started.elapsed();
+        self.replicas[i] = replica;
+        listening
     }
 
     /// Waits until replica `i`'s `/readyz` answers 200; how long that took, or `None` if it did
@@ -333,10 +385,126 @@ impl Fleet {
         let url = self.replicas[i].url.clone();
         self.latchkey(&["audit", "verify", "--url", &url, "--json"], &[("LATCHKEY_ADMIN_KEY", AUDITOR_KEY)])
     }
+
+    /// `latchkey audit verify --config FILE`: the store itself, without a server, with the
+    /// checkpoint key of the configuration (a [`Fleet::sqlite`] has one).
+    pub fn audit_verify_offline(&self) -> (bool, String) {
+        self.latchkey(&["audit", "verify", "--config", self.config.to_str().unwrap(), "--json"], &[])
+    }
+}
+
+/// What a load worker saw of one exchange.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub replica: usize,
+    pub sent: Instant,
+    pub answered: Instant,
+    pub status: StatusCode,
+    pub error: Option<String>,
+    pub exchange_id: Option<String>,
+    pub credential_id: Option<String>,
+    /// Whether the answer carried a token: only a 200 may.
+    pub has_token: bool,
+}
+
+impl Seen {
+    /// One `pr-review` exchange; no answer at all is recorded as a 599 with the client's error.
+    pub async fn exchange(fleet: &Fleet, replica: usize) -> Seen {
+        let sent = Instant::now();
+        let (status, body) = match fleet.try_exchange(replica, &fleet.pr_token(), "pr-review").await {
+            Ok(a) => (a.status, a.body),
+            Err(e) => (StatusCode::from_u16(599).unwrap(), json!({ "error": format!("no answer: {e}") })),
+        };
+        Seen {
+            replica,
+            sent,
+            answered: Instant::now(),
+            status,
+            error: body["error"].as_str().map(str::to_owned),
+            exchange_id: body["exchange_id"].as_str().map(str::to_owned),
+            credential_id: body["credentials"][0]["id"].as_str().map(str::to_owned),
+            has_token: body.get("access_token").is_some() || body["credentials"][0].get("token").is_some(),
+        }
+    }
+}
+
+/// `workers` loops per replica in `replicas`, each sending `pr-review` exchanges one after the
+/// other until `stop` is set; everything they saw.
+pub fn load(
+    fleet: &Arc<Fleet>,
+    replicas: &[usize],
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinSet<Vec<Seen>> {
+    let mut set = tokio::task::JoinSet::new();
+    for &replica in replicas {
+        for _ in 0..workers {
+            let (fleet, stop) = (fleet.clone(), stop.clone());
+            set.spawn(async move {
+                let mut seen = Vec::new();
+                // Bounded in count as well as in time.
+                while !stop.load(Ordering::SeqCst) && seen.len() < 5_000 {
+                    seen.push(Seen::exchange(&fleet, replica).await);
+                }
+                seen
+            });
+        }
+    }
+    set
+}
+
+/// Everything the workers of [`load`] saw, oldest first.
+pub async fn collect(mut set: tokio::task::JoinSet<Vec<Seen>>) -> Vec<Seen> {
+    let mut all = Vec::new();
+    while let Some(seen) = set.join_next().await {
+        all.extend(seen.unwrap());
+    }
+    all.sort_by_key(|s| s.sent);
+    all
+}
+
+/// What a client was promised is what the store holds, read straight from the store and through
+/// replica `i`'s audit API: every exchange answered 200 in `seen` has its `allowed` row, its
+/// credential and its `exchange.allowed` event; and every `active` credential in the store
+/// belongs to an `allowed` exchange whose `exchange.allowed` event names it, so that nothing is
+/// live without its record. Returns the active credentials.
+pub async fn assert_acknowledged_are_recorded(fleet: &Fleet, seen: &[Seen], i: usize) -> BTreeSet<String> {
+    let column = |rows: Vec<Vec<Value>>| -> BTreeSet<String> {
+        rows.into_iter().map(|r| r[0].as_str().unwrap().to_owned()).collect()
+    };
+    let allowed = column(fleet.store.query("SELECT id FROM exchanges WHERE state = 'allowed'").await);
+    let credentials = column(fleet.store.query("SELECT id FROM credentials").await);
+    let active = fleet.store.query("SELECT id, exchange_id FROM credentials WHERE state = 'active'").await;
+    let events = fleet.audit(i).await;
+    // (exchange, credential) of every `exchange.allowed` event.
+    let mut audited = BTreeSet::new();
+    for e in events.iter().map(|item| &item["event"]).filter(|e| e["event"] == "exchange.allowed") {
+        let exchange = e["exchange_id"].as_str().unwrap_or_default();
+        for c in e["detail"]["credentials"].as_array().into_iter().flatten() {
+            audited.insert((exchange.to_owned(), c["id"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    for s in seen.iter().filter(|s| s.status == StatusCode::OK) {
+        let (exchange, credential) = (s.exchange_id.as_deref().unwrap(), s.credential_id.as_deref().unwrap());
+        assert!(allowed.contains(exchange), "exchange {exchange} was answered 200 but has no allowed row");
+        assert!(credentials.contains(credential), "credential {credential} was issued but has no row");
+        let pair = (exchange.to_owned(), credential.to_owned());
+        assert!(audited.contains(&pair), "exchange {exchange} was answered 200 but is unaudited");
+    }
+    for row in &active {
+        let (credential, exchange) = (row[0].as_str().unwrap(), row[1].as_str().unwrap());
+        assert!(
+            allowed.contains(exchange),
+            "credential {credential} is active, its exchange {exchange} is not allowed"
+        );
+        let pair = (exchange.to_owned(), credential.to_owned());
+        assert!(audited.contains(&pair), "credential {credential} is active but unaudited");
+    }
+    active.iter().map(|r| r[0].as_str().unwrap().to_owned()).collect()
 }
 
 /// The configuration every replica of a fleet reads.
-fn config_text(issuer: &str, store_url: &str, store_lines: &str) -> String {
+fn config_text(issuer: &str, store_url: &str, store_lines: &str, tables: &str) -> String {
     format!(
         r#"
 [server]
@@ -379,6 +547,8 @@ sha256 = "{auditor}"
 name = "test-security"
 role = "security"
 sha256 = "{security}"
+
+{tables}
 "#,
         admin = sha256_hex(ADMIN_KEY),
         service = sha256_hex(SERVICE_KEY),

@@ -17,6 +17,12 @@
 //   POST /_control/retire   unpublish every key but the signing key. Answers {kids}.
 //   POST /_control/issuers  alg=RS256|ES256: start another issuer, with its own port and keys,
 //                           in this process, for tests that change keys. Answers {url}.
+//   POST /_control/outage   url=<an issuer of this process>, mode=refused|hanging|up: the issuer
+//                           at url goes down, for tests of an issuer outage. `refused` closes its
+//                           port (connections are refused, open ones are cut); `hanging` accepts
+//                           connections and never answers; `up` serves again, on the same port,
+//                           with the same keys. Send it to another issuer of the process: the
+//                           one that is down cannot take it. Answers {url, mode}.
 // Control parameters may come as a form, as JSON or in the query string.
 
 import { createServer } from 'node:http';
@@ -144,6 +150,33 @@ function sendJson(res, status, body) {
   res.end(JSON.stringify(body));
 }
 
+// Every issuer of this process by URL, with its server and its outage mode.
+const running = new Map();
+
+async function setOutage(params) {
+  const entry = running.get(params.url);
+  if (entry === undefined) throw new AssertionError({ message: `no issuer ${params.url} in this process` });
+  if (!['refused', 'hanging', 'up'].includes(params.mode)) {
+    throw new AssertionError({ message: 'mode must be refused, hanging or up' });
+  }
+  const { server, port } = entry;
+  if (params.mode === 'refused' && server.listening) {
+    await new Promise((resolve) => {
+      server.close(resolve);
+      server.closeAllConnections(); // keep-alive and hanging connections too
+    });
+  }
+  if (params.mode !== 'refused' && !server.listening) {
+    await new Promise((resolve, reject) => server.once('error', reject).listen(port, HOST, resolve));
+  }
+  if (params.mode === 'up') {
+    for (const res of entry.held) res.destroy(); // requests left unanswered while hanging
+    entry.held.clear();
+  }
+  entry.mode = params.mode;
+  return { url: params.url, mode: params.mode };
+}
+
 async function startIssuer(port, alg) {
   const issuer = new RotatingIssuer(false); // false: the issuer URL never ends with '/'
   await issuer.addSigningKey(alg);
@@ -164,10 +197,17 @@ async function startIssuer(port, alg) {
     '/_control/rotate': async (params) => issuer.addSigningKey(params.alg ?? issuer.signingAlg),
     '/_control/retire': async () => issuer.retire(),
     '/_control/issuers': async (params) => ({ url: (await startIssuer(0, params.alg ?? 'RS256')).url }),
+    '/_control/outage': setOutage,
   };
+  const entry = { server: undefined, port: 0, mode: 'up', held: new Set() };
 
   const server = createServer(async (req, res) => {
     const path = new URL(req.url, `http://${HOST}`).pathname;
+    if (entry.mode === 'hanging') {
+      entry.held.add(res); // never answered; cut when the issuer is up again
+      res.once('close', () => entry.held.delete(res));
+      return;
+    }
     try {
       if (req.method === 'GET' && path === '/jwks') return sendJson(res, 200, issuer.jwks());
       if (req.method === 'POST' && Object.hasOwn(control, path)) return sendJson(res, 200, await control[path](await readParams(req)));
@@ -179,6 +219,8 @@ async function startIssuer(port, alg) {
   });
   await new Promise((resolve, reject) => server.once('error', reject).listen(port, HOST, resolve));
   issuer.url = `http://${HOST}:${server.address().port}`;
+  Object.assign(entry, { server, port: server.address().port });
+  running.set(issuer.url, entry);
   console.error(`issuer ${issuer.url} signs with ${alg} key ${issuer.signingKid}`);
   return issuer;
 }
