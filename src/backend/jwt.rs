@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, MintRequest, Minted, SecretFields, fingerprint};
 use crate::audit::AuditEvent;
-use crate::ledger::{CredentialRow, Ledger, LedgerError, StoredKey};
+use crate::ledger::{CredentialRow, Ledger, LedgerError, RetireKey, StoredKey};
 use crate::policy::{BackendKind, GrantSpec};
 use crate::seal::Sealer;
 
@@ -50,16 +50,29 @@ struct SigningKey {
     public_jwk: Value,
     created_at: DateTime<Utc>,
     /// When this key starts signing (its creation + [`ACTIVATION_DELAY`]; at once for the
-    /// first key).
-    signs_from: DateTime<Utc>,
-    /// When a newer key takes over signing; `None` while none exists.
-    superseded_at: Option<DateTime<Utc>>,
+    /// first key and for a retirement's replacement), and when a newer key takes over signing
+    /// (`None` while none has).
+    slot: Slot,
 }
 
 impl SigningKey {
-    /// Whether the key is in the JWKS (and verifies for introspection) at `now`.
+    /// Whether the key is in the JWKS (and verifies for introspection) at `now`. A retired key
+    /// is never loaded at all.
     fn published(&self, now: DateTime<Utc>) -> bool {
-        self.superseded_at.is_none_or(|at| now < at + RETENTION)
+        self.slot.superseded_at.is_none_or(|at| now < at + RETENTION)
+    }
+}
+
+/// When one key signs: from `signs_from`, until a newer key takes over (`superseded_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    signs_from: DateTime<Utc>,
+    superseded_at: Option<DateTime<Utc>>,
+}
+
+impl Slot {
+    fn signs_at(&self, now: DateTime<Utc>) -> bool {
+        self.signs_from <= now && self.superseded_at.is_none_or(|at| now < at)
     }
 }
 
@@ -91,12 +104,29 @@ pub struct KeyView {
     pub published_until: Option<String>,
 }
 
+/// What an emergency retirement did (`POST /v1/signing-keys/{kid}/retire`). Never a private key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Retirement {
+    pub kid: String,
+    pub retired_at: String,
+    /// The key made to sign at once in its place, when nothing else would have signed.
+    pub replacement: Option<KeyView>,
+    /// Live `jwt` credentials it had signed, now revoked (active) or barred from activation
+    /// (pending).
+    pub credentials_revoked: usize,
+    pub credentials_marked: usize,
+}
+
 /// Signs latchkey JWTs; verifies them for introspection.
 pub struct JwtBackend {
     /// `iss` of every token: the broker's public URL.
     issuer: String,
-    /// The keys in the ledger, oldest first; replaced whole by [`JwtBackend::refresh`].
-    keys: RwLock<Arc<Vec<SigningKey>>>,
+    /// The published keys in the ledger, oldest first; replaced whole by [`JwtBackend::refresh`].
+    keys: RwLock<Arc<Vec<Arc<SigningKey>>>>,
+    /// Held by a refresh from its read of the ledger to the replacement of `keys`: a refresh
+    /// that read the keys before a retirement committed can never install them after the
+    /// retirement's own refresh did.
+    refreshing: tokio::sync::Mutex<()>,
     rng: SystemRandom,
 }
 
@@ -116,6 +146,24 @@ pub enum JwtKeyError {
     Unseal(String, crate::seal::SealError),
     #[error("signing key {0} is not a valid P-256 key")]
     BadKey(String),
+    #[error("no signing key {0}")]
+    UnknownKey(String),
+    /// A malformed request (an empty reason).
+    #[error("{0}")]
+    Invalid(String),
+    /// Already retired, or retired by another replica meanwhile.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl JwtKeyError {
+    fn from_retirement(kid: &str, e: LedgerError) -> Self {
+        match e {
+            LedgerError::NotFound => JwtKeyError::UnknownKey(kid.to_owned()),
+            LedgerError::Conflict(m) => JwtKeyError::Conflict(m),
+            other => JwtKeyError::Ledger(other),
+        }
+    }
 }
 
 /// The associated data a signing key is sealed under: it binds the sealed key to its kid.
@@ -136,18 +184,49 @@ fn new_key(sealer: &Sealer, now: DateTime<Utc>) -> Result<StoredKey, JwtKeyError
         sealed_private: sealer.seal(&key_aad(&kid), pkcs8.as_ref()),
         public_jwk: jwk,
         created_at: now,
+        signs_from: None,
+        retired_at: None,
     })
 }
 
-/// When each stored key signs from and is superseded, oldest first.
-fn schedule(stored: &mut [StoredKey]) -> Vec<(DateTime<Utc>, Option<DateTime<Utc>>)> {
+/// The creation time of a new key. Keys are ordered by creation: a new key is strictly newer
+/// than every stored one, even when a clock step or a rotation in the same millisecond would
+/// say otherwise.
+fn next_creation(stored: &[StoredKey], now: DateTime<Utc>) -> DateTime<Utc> {
+    let newest = stored.iter().map(|k| k.created_at).max();
+    newest.map_or(now, |n| now.max(n + chrono::Duration::milliseconds(1)))
+}
+
+/// When each stored key signs, oldest first (and `stored` sorted so). A key signs from its
+/// stored `signs_from`, else from its creation + [`ACTIVATION_DELAY`] (the first key at once),
+/// until a newer key takes over. A key retired before it ever signed takes over from none; one
+/// retired after it took over still ends the keys before it: a superseded key never comes back.
+fn schedule(stored: &mut [StoredKey]) -> Vec<Slot> {
     stored.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     let signs_from: Vec<DateTime<Utc>> = stored
         .iter()
         .enumerate()
-        .map(|(i, k)| if i == 0 { k.created_at } else { k.created_at + ACTIVATION_DELAY })
+        .map(|(i, k)| k.signs_from.unwrap_or(if i == 0 { k.created_at } else { k.created_at + ACTIVATION_DELAY }))
         .collect();
-    (0..stored.len()).map(|i| (signs_from[i], signs_from.get(i + 1).copied())).collect()
+    let mut slots = vec![Slot { signs_from: DateTime::<Utc>::MIN_UTC, superseded_at: None }; stored.len()];
+    // The earliest takeover among the keys newer than each one.
+    let mut takeover: Option<DateTime<Utc>> = None;
+    for i in (0..stored.len()).rev() {
+        slots[i] = Slot { signs_from: signs_from[i], superseded_at: takeover };
+        if stored[i].retired_at.is_none_or(|r| signs_from[i] < r) {
+            takeover = Some(takeover.map_or(signs_from[i], |t| t.min(signs_from[i])));
+        }
+    }
+    slots
+}
+
+/// The key that signs at `now` among keys (oldest first) not retired: the newest whose
+/// `signs_from` has come and that no newer key took over from. With a clock behind the one that
+/// scheduled the keys, the oldest key that no newer key took over from.
+fn signer_index<T>(keys: &[T], slot: impl Fn(&T) -> &Slot, now: DateTime<Utc>) -> Option<usize> {
+    keys.iter()
+        .rposition(|k| slot(k).signs_at(now))
+        .or_else(|| keys.iter().position(|k| slot(k).superseded_at.is_none_or(|at| now < at)))
 }
 
 impl JwtBackend {
@@ -165,21 +244,36 @@ impl JwtBackend {
             event.detail = Some(json!({ "kid": key.id, "algorithm": "ES256" }));
             ledger.insert_signing_key(&key, event).await?;
         }
-        let backend =
-            JwtBackend { issuer: issuer.to_owned(), keys: RwLock::new(Arc::new(Vec::new())), rng: SystemRandom::new() };
+        let backend = JwtBackend {
+            issuer: issuer.to_owned(),
+            keys: RwLock::new(Arc::new(Vec::new())),
+            refreshing: tokio::sync::Mutex::new(()),
+            rng: SystemRandom::new(),
+        };
         backend.refresh(ledger, sealer, now).await?;
         Ok(backend)
     }
 
     /// Re-reads the keys from the ledger (every replica does, every [`KEY_REFRESH`]): a key
-    /// another replica created is published here too, and signs here from its `signs_from`.
-    /// Keys no longer published are not even unsealed.
+    /// another replica created is published here too, and signs here from its `signs_from`; a
+    /// key another replica retired is dropped here. Keys no longer published are not even
+    /// unsealed.
     pub async fn refresh(&self, ledger: &dyn Ledger, sealer: &Sealer, now: DateTime<Utc>) -> Result<(), JwtKeyError> {
+        let _turn = self.refreshing.lock().await;
+        self.refresh_locked(ledger, sealer, now).await
+    }
+
+    async fn refresh_locked(
+        &self,
+        ledger: &dyn Ledger,
+        sealer: &Sealer,
+        now: DateTime<Utc>,
+    ) -> Result<(), JwtKeyError> {
         let mut stored = ledger.signing_keys().await?;
-        let times = schedule(&mut stored);
+        let slots = schedule(&mut stored);
         let mut keys = Vec::with_capacity(stored.len());
-        for (k, (signs_from, superseded_at)) in stored.iter().zip(times) {
-            if superseded_at.is_some_and(|at| now >= at + RETENTION) {
+        for (k, slot) in stored.iter().zip(slots) {
+            if k.retired_at.is_some() || slot.superseded_at.is_some_and(|at| now >= at + RETENTION) {
                 continue;
             }
             let der =
@@ -187,15 +281,14 @@ impl JwtBackend {
             let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der)
                 .map_err(|_| JwtKeyError::BadKey(k.id.clone()))?;
             let public_point = pair.public_key().as_ref().to_vec();
-            keys.push(SigningKey {
+            keys.push(Arc::new(SigningKey {
                 kid: k.id.clone(),
                 pair,
                 public_point,
                 public_jwk: k.public_jwk.clone(),
                 created_at: k.created_at,
-                signs_from,
-                superseded_at,
-            });
+                slot,
+            }));
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
         Ok(())
@@ -212,11 +305,7 @@ impl JwtBackend {
         actor: &str,
         request_id: Option<&str>,
     ) -> Result<KeyView, JwtKeyError> {
-        // Keys are ordered by creation: a new key is strictly newer than every stored one, even
-        // when a clock step or a rotation in the same millisecond would say otherwise.
-        let newest = ledger.signing_keys().await?.into_iter().map(|k| k.created_at).max();
-        let created_at = newest.map_or(now, |n| now.max(n + chrono::Duration::milliseconds(1)));
-        let key = new_key(sealer, created_at)?;
+        let key = new_key(sealer, next_creation(&ledger.signing_keys().await?, now))?;
         let previous = self.signer(now).map(|k| k.kid.clone());
         let mut event = AuditEvent::new("signing_key.rotated", now);
         event.actor = Some(actor.to_owned());
@@ -225,11 +314,105 @@ impl JwtBackend {
             "kid": key.id,
             "algorithm": "ES256",
             "previous_kid": previous,
-            "signs_from": crate::audit::format_time(created_at + ACTIVATION_DELAY),
+            "signs_from": crate::audit::format_time(key.created_at + ACTIVATION_DELAY),
         }));
         ledger.insert_signing_key(&key, event).await?;
         self.refresh(ledger, sealer, now).await?;
         self.views(now).into_iter().find(|v| v.kid == key.id).ok_or_else(|| JwtKeyError::BadKey(key.id.clone()))
+    }
+
+    /// Retires a key at once (a leak): it leaves the JWKS and verifies nothing more, here before
+    /// this returns and on every other replica at its next refresh; the live `jwt` credentials
+    /// created while it was the signing key are revoked in the same transaction, so that
+    /// introspection answers inactive for them on every replica at once. When no other key
+    /// would sign afterwards, a new key is created in the same transaction and signs at once:
+    /// waiting [`ACTIVATION_DELAY`] would leave the broker without a key, and signing on with
+    /// the leaked one is what the retirement is for. Its tokens fail at verifiers whose cached
+    /// JWKS predates it, until they fetch it again ([`JWKS_MAX_AGE_SECS`] at the most).
+    /// Recorded by a `signing_key.retired` event naming `actor` and `reason`, and one event per
+    /// credential it ended.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn retire(
+        &self,
+        ledger: &dyn Ledger,
+        sealer: &Sealer,
+        now: DateTime<Utc>,
+        kid: &str,
+        reason: &str,
+        actor: &str,
+        request_id: Option<&str>,
+    ) -> Result<Retirement, JwtKeyError> {
+        // Judged on the ledger's keys, not this replica's copy, which may be 10 s old.
+        let mut stored = ledger.signing_keys().await?;
+        let slots = schedule(&mut stored);
+        let Some(i) = stored.iter().position(|k| k.id == kid) else {
+            return Err(JwtKeyError::UnknownKey(kid.to_owned()));
+        };
+        if stored[i].retired_at.is_some() {
+            return Err(JwtKeyError::Conflict(format!("signing key {kid} is already retired")));
+        }
+        let slot = slots[i];
+        // What would sign once it is gone.
+        let mut after = stored.clone();
+        after[i].retired_at = Some(now);
+        let after_slots = schedule(&mut after);
+        let live: Vec<Slot> =
+            after.iter().zip(after_slots).filter(|(k, _)| k.retired_at.is_none()).map(|(_, s)| s).collect();
+        // Strictly: a `next` key would sign only after its delay, which is no help now.
+        let replacement = if live.iter().any(|s| s.signs_at(now)) {
+            None
+        } else {
+            let mut key = new_key(sealer, next_creation(&stored, now))?;
+            key.signs_from = Some(now);
+            Some(key)
+        };
+        let mut event = AuditEvent::new("signing_key.retired", now);
+        event.actor = Some(actor.to_owned());
+        event.request_id = request_id.map(str::to_owned);
+        event.reason = Some(reason.to_owned());
+        let t = crate::audit::format_time;
+        // The key signed from its `signs_from` until a newer key took over; tokens it signed
+        // after now can only come from a replica that has not read the retirement yet.
+        let signed_until = slot.superseded_at.filter(|at| *at <= now);
+        event.detail = Some(json!({
+            "kid": kid,
+            "signed_from": t(slot.signs_from),
+            "signed_until": signed_until.map(t),
+            "replacement_kid": replacement.as_ref().map(|k| k.id.clone()),
+        }));
+        let retire = RetireKey {
+            kid: kid.to_owned(),
+            at: now,
+            replacement: replacement.clone(),
+            signed_from: slot.signs_from,
+            signed_until,
+            event,
+        };
+        let ended = ledger.retire_signing_key(retire).await.map_err(|e| JwtKeyError::from_retirement(kid, e))?;
+        {
+            let _turn = self.refreshing.lock().await;
+            // Dropped here first, so that it signs nothing more even if the re-read fails.
+            self.forget(kid);
+            if let Err(e) = self.refresh_locked(ledger, sealer, now).await {
+                tracing::warn!(error = %e, kid, "the signing keys could not be re-read after a retirement; the next refresh will");
+            }
+        }
+        let replacement = replacement.and_then(|k| self.views(now).into_iter().find(|v| v.kid == k.id));
+        Ok(Retirement {
+            kid: kid.to_owned(),
+            retired_at: t(now),
+            replacement,
+            credentials_revoked: ended.revoked.len(),
+            credentials_marked: ended.marked.len(),
+        })
+    }
+
+    /// Drops one key from this replica's copy.
+    fn forget(&self, kid: &str) {
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if keys.iter().any(|k| k.kid == kid) {
+            *keys = Arc::new(keys.iter().filter(|k| k.kid != kid).cloned().collect());
+        }
     }
 
     /// Every key still published, and its phase at `now`, oldest first.
@@ -239,9 +422,10 @@ impl JwtBackend {
         let t = crate::audit::format_time;
         keys.iter()
             .map(|k| {
+                let superseded = k.slot.superseded_at.is_some_and(|at| at <= now);
                 let state = if Some(&k.kid) == signer.as_ref() {
                     KeyState::Signing
-                } else if k.signs_from > now {
+                } else if !superseded && k.slot.signs_from > now {
                     KeyState::Next
                 } else if k.published(now) {
                     KeyState::Retiring
@@ -253,22 +437,22 @@ impl JwtBackend {
                     algorithm: "ES256",
                     state,
                     created_at: t(k.created_at),
-                    signs_from: t(k.signs_from),
-                    superseded_at: k.superseded_at.map(t),
-                    published_until: k.superseded_at.map(|at| t(at + RETENTION)),
+                    signs_from: t(k.slot.signs_from),
+                    superseded_at: k.slot.superseded_at.map(t),
+                    published_until: k.slot.superseded_at.map(|at| t(at + RETENTION)),
                 }
             })
             .collect()
     }
 
-    fn keys(&self) -> Arc<Vec<SigningKey>> {
+    fn keys(&self) -> Arc<Vec<Arc<SigningKey>>> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The key that signs at `now`: the newest one whose `signs_from` has come.
+    /// The key that signs at `now` (see [`signer_index`]).
     fn signer(&self, now: DateTime<Utc>) -> Option<SigningKeyRef> {
         let keys = self.keys();
-        let i = keys.iter().rposition(|k| k.signs_from <= now).or(if keys.is_empty() { None } else { Some(0) })?;
+        let i = signer_index(&keys, |k| &k.slot, now)?;
         Some(SigningKeyRef { keys, i })
     }
 
@@ -329,7 +513,7 @@ impl JwtBackend {
 
 /// The signing key at one index of a key set, kept alive while in use.
 struct SigningKeyRef {
-    keys: Arc<Vec<SigningKey>>,
+    keys: Arc<Vec<Arc<SigningKey>>>,
     i: usize,
 }
 

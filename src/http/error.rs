@@ -97,10 +97,24 @@ impl ApiError {
         }
     }
 
-    /// The mapping of signing-key errors: always 503, the detail only in the logs.
+    /// The mapping of signing-key errors: 400 / 404 / 409, else 503 with the detail only in
+    /// the logs.
     pub fn from_signing_key(e: crate::backend::jwt::JwtKeyError, request_id: &str) -> Self {
-        tracing::error!(error = %e, "signing key rotation failed");
-        Self::unavailable("the signing key could not be rotated; nothing changed that is in use; retry", request_id)
+        use crate::backend::jwt::JwtKeyError;
+        match e {
+            JwtKeyError::Invalid(m) => Self::invalid_request(m, request_id),
+            JwtKeyError::UnknownKey(kid) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", format!("no signing key {kid}"), request_id)
+            }
+            JwtKeyError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m, request_id),
+            other => {
+                tracing::error!(error = %other, "a signing key change failed");
+                Self::unavailable(
+                    "the signing keys could not be changed; nothing changed that is in use; retry",
+                    request_id,
+                )
+            }
+        }
     }
 
     /// The mapping of exchange errors: 400 / 400 / 403 / 503.

@@ -25,7 +25,7 @@ fn parse_id(text: &str, what: &str, request_id: &str) -> Result<Uuid, ApiError> 
 }
 
 /// Reads a JSON body; an empty body is `{}` where every field is optional.
-async fn json_body<T: DeserializeOwned>(
+pub(super) async fn json_body<T: DeserializeOwned>(
     body: axum::body::Body,
     empty_ok: bool,
     request_id: &str,

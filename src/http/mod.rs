@@ -52,6 +52,7 @@ pub fn router(app: AppState, dev_issuer: Option<DevIssuer>) -> Router {
         .route("/v1/credentials/{id}/revoke", post(kills::revoke))
         .route("/v1/signing-keys", get(signing_keys::list))
         .route("/v1/signing-keys/rotate", post(signing_keys::rotate))
+        .route("/v1/signing-keys/{kid}/retire", post(signing_keys::retire))
         .with_state(app.clone());
     if app.config.server.admin_listen.is_none() {
         router = router.merge(ops_router(app.clone()));

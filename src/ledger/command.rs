@@ -7,11 +7,12 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::rows::RetiredCredential;
 use super::rows::{id, parse_time, ts, ts_opt};
 use super::{
     Abort, Activate, Activation, ActiveLimit, Checkpoint, CredentialRow, CredentialState, ExchangeRow, ExchangeState,
-    Handle, Job, JobOutcome, KillEffect, LedgerError, NewJob, Reseal, ResealCount, RevokeRequest, StoredKey,
-    StoredKill,
+    Handle, Job, JobOutcome, KillEffect, LedgerError, NewJob, Reseal, ResealCount, RetireKey, Retired, RevokeRequest,
+    StoredKey, StoredKill,
 };
 use crate::audit::{AuditEvent, canonical_body};
 use crate::kill::{KillRule, KillSubject};
@@ -272,12 +273,17 @@ pub(in crate::ledger) enum Op {
     },
     AppendEvent(EventParams),
     InsertSigningKey {
-        id: String,
-        algorithm: String,
-        sealed_private: Vec<u8>,
-        public_jwk: String,
-        created_at: String,
+        key: KeyParams,
         event: EventParams,
+    },
+    /// Answers [`Reply::Retired`]; the events are made once the ended credentials are known.
+    RetireSigningKey {
+        kid: String,
+        at: String,
+        replacement: Option<Box<KeyParams>>,
+        signed_from: String,
+        signed_until: Option<String>,
+        event: Box<AuditEvent>,
     },
     Prune {
         now: String,
@@ -342,15 +348,79 @@ impl Op {
     }
 
     pub(in crate::ledger) fn insert_signing_key(key: &StoredKey, event: &AuditEvent) -> Op {
-        Op::InsertSigningKey {
+        Op::InsertSigningKey { key: KeyParams::new(key), event: EventParams::new(event) }
+    }
+
+    pub(in crate::ledger) fn retire_signing_key(r: RetireKey) -> Op {
+        Op::RetireSigningKey {
+            kid: r.kid,
+            at: ts(r.at),
+            replacement: r.replacement.as_ref().map(|k| Box::new(KeyParams::new(k))),
+            signed_from: ts(r.signed_from),
+            signed_until: ts_opt(r.signed_until),
+            event: Box::new(r.event),
+        }
+    }
+}
+
+/// A new signing key as column values. A new key is never retired.
+pub(in crate::ledger) struct KeyParams {
+    pub(in crate::ledger) id: String,
+    pub(in crate::ledger) algorithm: String,
+    pub(in crate::ledger) sealed_private: Vec<u8>,
+    pub(in crate::ledger) public_jwk: String,
+    pub(in crate::ledger) created_at: String,
+    pub(in crate::ledger) signs_from: Option<String>,
+}
+
+impl KeyParams {
+    fn new(key: &StoredKey) -> Self {
+        KeyParams {
             id: key.id.clone(),
             algorithm: key.algorithm.clone(),
             sealed_private: key.sealed_private.clone(),
             public_jwk: key.public_jwk.to_string(),
             created_at: ts(key.created_at),
-            event: EventParams::new(event),
+            signs_from: ts_opt(key.signs_from),
         }
     }
+}
+
+/// The event of one credential a retirement ends: `credential.revoked` (active) or
+/// `credential.revoke_requested` (pending), with the actor, request id, time and reason of the
+/// retirement's own event. The same event in every store.
+pub(in crate::ledger) fn retired_credential_event(
+    retirement: &AuditEvent,
+    kid: &str,
+    c: &RetiredCredential,
+) -> EventParams {
+    let name = if c.state == CredentialState::Pending { "credential.revoke_requested" } else { "credential.revoked" };
+    let mut event = AuditEvent { time: retirement.time.clone(), event: name.into(), ..Default::default() };
+    event.actor = retirement.actor.clone();
+    event.request_id = retirement.request_id.clone();
+    event.reason = retirement.reason.clone();
+    event.credential_id = Some(id(c.id));
+    event.backend = Some("jwt".into());
+    event.agent = Some(c.agent.clone());
+    event.capability = Some(c.capability.clone());
+    event.subject = Some(c.subject.clone());
+    event.repository = c.repository.clone();
+    event.fingerprint = c.fingerprint.clone();
+    event.detail = Some(serde_json::json!({ "signing_key_retired": kid }));
+    EventParams::new(&event)
+}
+
+/// The retirement's own event (`signing_key.retired`), with the counts of what it ended added to
+/// its `detail`: written after the credentials' events, in the same transaction.
+pub(in crate::ledger) fn key_retired_event(mut event: AuditEvent, retired: &Retired) -> EventParams {
+    let mut detail = match event.detail.take() {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    detail.insert("credentials_revoked".into(), retired.revoked.len().into());
+    detail.insert("credentials_marked".into(), retired.marked.len().into());
+    event.detail = Some(serde_json::Value::Object(detail));
+    EventParams::new(&event)
 }
 
 /// What a command answers.
@@ -368,6 +438,7 @@ pub(in crate::ledger) enum Reply {
     Count(u64),
     Wait(Option<std::time::Duration>),
     Resealed(ResealCount),
+    Retired(Retired),
 }
 
 /// The `sealing.resealed` event of a re-seal command that changed something: the same event in

@@ -279,6 +279,37 @@ pub struct StoredKey {
     /// The public JWK (JSON object).
     pub public_jwk: Value,
     pub created_at: DateTime<Utc>,
+    /// When it starts signing, for a key off the usual schedule (the replacement a retirement
+    /// makes signs at once); `None`: the usual schedule (see [`crate::backend::jwt`]).
+    pub signs_from: Option<DateTime<Utc>>,
+    /// When an admin retired it: from then on it is neither published nor used, anywhere.
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+/// The emergency retirement of a `jwt` signing key (a leak), as one transaction.
+#[derive(Debug, Clone)]
+pub struct RetireKey {
+    pub kid: String,
+    /// The retirement time: `signing_keys.retired_at`, `revoked_at` of the credentials it ends.
+    pub at: DateTime<Utc>,
+    /// A new key that signs at once, when nothing else would sign after the retirement.
+    pub replacement: Option<StoredKey>,
+    /// The live `jwt` credentials created while the key signed, in `[from, until)`, are ended
+    /// with it: the active ones revoked, the pending ones marked `revoke_requested`.
+    pub signed_from: DateTime<Utc>,
+    pub signed_until: Option<DateTime<Utc>>,
+    /// `signing_key.retired`; the store adds the counts of what it ended. Each credential gets
+    /// a `credential.revoked` event made from it (same actor, request id and reason).
+    pub event: AuditEvent,
+}
+
+/// What a retirement ended besides the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Retired {
+    /// Active `jwt` credentials now revoked.
+    pub revoked: Vec<Uuid>,
+    /// Pending `jwt` credentials marked `revoke_requested`: they can never become active.
+    pub marked: Vec<Uuid>,
 }
 
 /// Where a sealed blob is kept.
@@ -309,6 +340,20 @@ impl std::fmt::Debug for SealedBlob {
             .field("id", &self.id)
             .field("key_id", &crate::seal::Sealer::key_id_of(&self.blob))
             .finish()
+    }
+}
+
+/// Where a page of [`Ledger::sealed_blobs`] ends: the kind and id of its last blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobCursor {
+    pub kind: SealedKind,
+    pub id: String,
+}
+
+impl SealedBlob {
+    /// The cursor of the page that ends with this blob.
+    pub fn cursor(&self) -> BlobCursor {
+        BlobCursor { kind: self.kind, id: self.id.clone() }
     }
 }
 
@@ -642,8 +687,15 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     async fn stream_position(&self, name: &str) -> Result<Option<i64>, LedgerError>;
     async fn set_stream_position(&self, name: &str, seq: i64) -> Result<(), LedgerError>;
 
+    /// Every signing key, retired ones included, oldest first.
     async fn signing_keys(&self) -> Result<Vec<StoredKey>, LedgerError>;
     async fn insert_signing_key(&self, key: &StoredKey, event: AuditEvent) -> Result<(), LedgerError>;
+
+    /// Retires a signing key in one transaction: sets its `retired_at`, inserts the replacement
+    /// if there is one, ends the live `jwt` credentials of the window, and writes the events.
+    /// `NotFound` for an unknown kid; `Conflict` for a key already retired, or when no key would
+    /// be left unretired (nothing could sign).
+    async fn retire_signing_key(&self, retire: RetireKey) -> Result<Retired, LedgerError>;
 
     /// One step of a rate limit's bucket `key` (GCRA, see [`crate::policy::limits`]): `None`
     /// when the exchange may go (and the bucket is charged), else how long to wait. Kept in the
@@ -665,9 +717,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> Result<LiveCount, LedgerError>;
 
-    /// Every sealed blob the store holds: the handles of credentials that still have one (a
-    /// handle is erased when its credential ends) and the `jwt` signing keys.
-    async fn sealed_blobs(&self) -> Result<Vec<SealedBlob>, LedgerError>;
+    /// One page of the sealed blobs the store holds: the handles of credentials that still have
+    /// one (a handle is erased when its credential ends) and the `jwt` signing keys, ordered by
+    /// kind (credential handles first) then id, at most `limit`, after the blob named by
+    /// `after`. A page shorter than `limit` is the last. Keyset paging: blobs that arrive or go
+    /// meanwhile never make a page repeat or skip another blob.
+    async fn sealed_blobs(&self, after: Option<&BlobCursor>, limit: usize) -> Result<Vec<SealedBlob>, LedgerError>;
 
     /// Applies re-seals, each only if its blob is still exactly `old`, in one transaction; when
     /// at least one blob changed, one `sealing.resealed` event (at `now`, naming the current key

@@ -329,13 +329,35 @@ pub(crate) fn signing_key_from_row<R: RawRow + ?Sized>(row: &R) -> Result<Stored
         sealed_private: c.blob(2, "sealed_private")?,
         public_jwk: c.json(3, "public_jwk")?,
         created_at: c.time(4, "created_at")?,
+        signs_from: c.opt_time(5, "signs_from")?,
+        retired_at: c.opt_time(6, "retired_at")?,
     })
 }
 
-/// Every sealed blob, in both stores' dialects: the handles that credentials still hold and the
-/// signing keys, each with a literal naming where it lives.
-pub(crate) const SEALED_BLOBS: &str = "SELECT 'credential', id, handle FROM credentials WHERE handle IS NOT NULL \
-     UNION ALL SELECT 'signing_key', id, sealed_private FROM signing_keys ORDER BY 1, 2";
+/// One live `jwt` credential that a retirement ends: `id, state, agent, capability, subject,
+/// repository, fingerprint`.
+pub(crate) struct RetiredCredential {
+    pub(crate) id: Uuid,
+    pub(crate) state: CredentialState,
+    pub(crate) agent: String,
+    pub(crate) capability: String,
+    pub(crate) subject: String,
+    pub(crate) repository: Option<String>,
+    pub(crate) fingerprint: Option<String>,
+}
+
+pub(crate) fn retired_credential_from_row<R: RawRow + ?Sized>(row: &R) -> Result<RetiredCredential, LedgerError> {
+    let c = Cols::new(row, "credentials");
+    Ok(RetiredCredential {
+        id: c.uuid(0, "id")?,
+        state: credential_state(&c.text(1, "state")?).ok_or_else(|| corrupt("credentials", "state", "unknown"))?,
+        agent: c.text(2, "agent")?,
+        capability: c.text(3, "capability")?,
+        subject: c.text(4, "subject")?,
+        repository: c.opt_text(5, "repository")?,
+        fingerprint: c.opt_text(6, "fingerprint")?,
+    })
+}
 
 pub(crate) fn sealed_blob_from_row<R: RawRow + ?Sized>(row: &R) -> Result<SealedBlob, LedgerError> {
     let c = Cols::new(row, "sealed blobs");

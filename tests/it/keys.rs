@@ -460,7 +460,7 @@ async fn a_postgres_store_dumped_with_pg_dump_restores_into_another_schema_whose
     assert_eq!(restored.signing_keys().await.unwrap().len(), 1);
     // The PostgreSQL store re-seals compare-and-set too: the second of two racing replicas
     // finds the blob changed and writes nothing.
-    let blob = restored.sealed_blobs().await.unwrap().remove(0);
+    let blob = restored.sealed_blobs(None, 10).await.unwrap().remove(0);
     assert_eq!(blob.kind, SealedKind::SigningKey);
     let rotated = Sealer::from_bytes(&[7; 32]);
     let opened = Sealer::from_bytes(&[9; 32]).open(&latchkey::backend::jwt::key_aad(&blob.id), &blob.blob).unwrap();
@@ -469,7 +469,7 @@ async fn a_postgres_store_dumped_with_pg_dump_restores_into_another_schema_whose
     let first = restored.reseal(vec![reseal.clone()], &rotated.key_id(), Utc::now()).await.unwrap();
     let second = restored.reseal(vec![reseal], &rotated.key_id(), Utc::now()).await.unwrap();
     assert_eq!((first.signing_keys, first.skipped, second.changed(), second.skipped), (1, 0, 0, 1));
-    assert_eq!(restored.sealed_blobs().await.unwrap()[0].blob, new);
+    assert_eq!(restored.sealed_blobs(None, 10).await.unwrap()[0].blob, new);
     assert_eq!(restored.audit_head().await.unwrap().0, 22, "one sealing.resealed event");
     // And `latchkey backup` points PostgreSQL users at pg_dump.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
@@ -480,4 +480,326 @@ async fn a_postgres_store_dumped_with_pg_dump_restores_into_another_schema_whose
     for schema in [from, to] {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&mut conn).await.unwrap();
     }
+}
+
+fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap();
+    serde_json::from_slice::<Value>(&claims).unwrap()["jti"].as_str().unwrap().to_owned()
+}
+
+async fn introspects_active(t: &TestApp, url: &str, token: &str) -> bool {
+    let r = t.client.post(format!("{url}/v1/introspect")).bearer_auth(SERVICE_KEY).form(&[("token", token)]);
+    let a = crate::support::test_app::answer(r.send().await.unwrap()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    a.body["active"] == json!(true)
+}
+
+async fn credential_state(t: &TestApp, id: &str) -> String {
+    let state = t.store().scalar(&format!("SELECT state FROM credentials WHERE id = '{id}'")).await;
+    state.as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_leaked_jwt_key_is_retired_at_once_and_a_replacement_signs_at_once() {
+    let t = TestApp::builder().no_background().start().await;
+    let leaked = jwt_exchange(&t).await;
+    let kid = kid_of(&leaked);
+    let other = jwt_exchange(&t).await;
+    assert!(introspects_active(&t, &t.url, &leaked).await);
+    // A replica that read the keys before the retirement (a second key set on the same ledger).
+    let now = latchkey::app::Clock::now(&*t.clock);
+    let replica = latchkey::backend::jwt::JwtBackend::load_or_create(
+        &*t.app.ledger,
+        &Sealer::from_bytes(&[9; 32]),
+        "https://latchkey.test",
+        now,
+    )
+    .await
+    .unwrap();
+
+    // Only an admin retires, a reason is required, an unknown kid is 404; none of these changes
+    // anything.
+    let path = format!("/v1/signing-keys/{kid}/retire");
+    let refused = t.post_json(&path, Some(SECURITY_KEY), &json!({ "reason": "leaked" })).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text);
+    let unknown = t.post_json("/v1/signing-keys/nokey/retire", Some(ADMIN_KEY), &json!({ "reason": "x" })).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.text);
+    let empty = t.post_json(&path, Some(ADMIN_KEY), &json!({ "reason": " " })).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST, "{}", empty.text);
+    assert_eq!(jwks_kids(&t).await, [kid.as_str()]);
+    assert!(t.events("signing_key.retired").await.is_empty());
+
+    // Retired: the only key signed, so a new one is made in the same action and signs at once.
+    let r = t.post_json(&path, Some(ADMIN_KEY), &json!({ "reason": "printed in a build log" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(!r.text.contains("\"d\""), "no private key in the answer: {}", r.text);
+    let retired = &r.body["retired"];
+    assert_eq!(retired["kid"], json!(kid));
+    assert_eq!(retired["credentials_revoked"], 2, "{}", r.text);
+    let new_kid = retired["replacement"]["kid"].as_str().unwrap().to_owned();
+    assert_eq!(retired["replacement"]["state"], "signing", "{}", r.text);
+    let states: Vec<_> = r.body["items"].as_array().unwrap().iter().map(|k| k["kid"].clone()).collect();
+    assert_eq!(states, [json!(new_kid)], "the leaked key is no longer listed: {}", r.text);
+
+    // Out of the JWKS, inactive at introspection, and the next token is signed by the new key,
+    // here at once: no clock moved.
+    assert_eq!(jwks_kids(&t).await, [new_kid.as_str()]);
+    assert!(!verifies_with_jwks(&t, &leaked).await);
+    assert!(!introspects_active(&t, &t.url, &leaked).await);
+    assert!(!introspects_active(&t, &t.url, &other).await);
+    let next = jwt_exchange(&t).await;
+    assert_eq!(kid_of(&next), new_kid);
+    assert!(verifies_with_jwks(&t, &next).await);
+    assert!(introspects_active(&t, &t.url, &next).await);
+
+    // The ledger says so, for every replica: both credentials revoked, each with its event.
+    for token in [&leaked, &other] {
+        assert_eq!(credential_state(&t, &jti_of(token)).await, "revoked");
+    }
+    let events = t.events("signing_key.retired").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["actor"], "admin-key:test-admin");
+    assert_eq!(events[0]["reason"], "printed in a build log");
+    assert_eq!(events[0]["detail"]["kid"], json!(kid));
+    assert_eq!(events[0]["detail"]["replacement_kid"], json!(new_kid));
+    assert_eq!(events[0]["detail"]["credentials_revoked"], 2);
+    let revoked = t.events("credential.revoked").await;
+    let ids: Vec<_> = revoked.iter().map(|e| e["credential_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, [jti_of(&leaked), jti_of(&other)]);
+    assert!(revoked.iter().all(|e| e["detail"]["signing_key_retired"] == json!(kid) && e["backend"] == "jwt"));
+
+    // Another replica publishes and signs with the leaked key until its next refresh, no longer.
+    assert!(replica.jwks(now)["keys"].as_array().unwrap().iter().any(|k| k["kid"] == json!(kid)));
+    replica.refresh(&*t.app.ledger, &Sealer::from_bytes(&[9; 32]), now).await.unwrap();
+    let kids: Vec<_> = replica.jwks(now)["keys"].as_array().unwrap().iter().map(|k| k["kid"].clone()).collect();
+    assert_eq!(kids, [json!(new_kid)]);
+    assert!(replica.verify(&leaked, now).is_none());
+
+    // Once only; and it stays retired across a restart.
+    let again = t.post_json(&path, Some(ADMIN_KEY), &json!({ "reason": "again" })).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.text);
+    let t = t.restart().await;
+    assert_eq!(jwks_kids(&t).await, [new_kid.as_str()]);
+    assert_eq!(kid_of(&jwt_exchange(&t).await), new_kid);
+    assert!(!introspects_active(&t, &t.url, &leaked).await);
+}
+
+#[tokio::test]
+async fn retiring_a_key_that_does_not_sign_leaves_the_signing_key_alone() {
+    let t = TestApp::builder().no_background().start().await;
+    let first = jwt_exchange(&t).await;
+    let signing = kid_of(&first);
+    let r = t.post_json("/v1/signing-keys/rotate", Some(ADMIN_KEY), &json!({})).await;
+    let next = r.body["key"]["kid"].as_str().unwrap().to_owned();
+    assert_eq!(jwks_kids(&t).await, [signing.as_str(), next.as_str()]);
+    // The next key leaked before it ever signed: it goes, the signing key signs on, and no
+    // credential is touched (it signed none).
+    let token = jwt_exchange(&t).await;
+    let r = t.post_json(&format!("/v1/signing-keys/{next}/retire"), Some(ADMIN_KEY), &json!({ "reason": "r" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["retired"]["replacement"], Value::Null, "{}", r.text);
+    assert_eq!(r.body["retired"]["credentials_revoked"], 0);
+    assert_eq!(jwks_kids(&t).await, [signing.as_str()]);
+    assert!(introspects_active(&t, &t.url, &token).await);
+    // Nor does it ever sign later.
+    t.clock.advance(latchkey::backend::jwt::ACTIVATION_DELAY + chrono::Duration::seconds(1));
+    let later = jwt_exchange(&t).await;
+    assert_eq!(kid_of(&later), signing);
+
+    // A key superseded by a rotation leaked: it goes with the tokens it signed; the tokens of
+    // the key that took over stay good.
+    let r = t.post_json("/v1/signing-keys/rotate", Some(ADMIN_KEY), &json!({})).await;
+    let newer = r.body["key"]["kid"].as_str().unwrap().to_owned();
+    let old_token = jwt_exchange(&t).await;
+    t.clock.advance(latchkey::backend::jwt::ACTIVATION_DELAY + chrono::Duration::seconds(1));
+    let new_token = jwt_exchange(&t).await;
+    assert_eq!((kid_of(&old_token), kid_of(&new_token)), (signing.clone(), newer.clone()));
+    let r =
+        t.post_json(&format!("/v1/signing-keys/{signing}/retire"), Some(ADMIN_KEY), &json!({ "reason": "r" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["retired"]["replacement"], Value::Null, "{}", r.text);
+    assert_eq!(r.body["retired"]["credentials_revoked"], 4, "the four live tokens it signed: {}", r.text);
+    assert_eq!(jwks_kids(&t).await, [newer.as_str()]);
+    for token in [&first, &token, &later, &old_token] {
+        assert!(!introspects_active(&t, &t.url, token).await);
+        assert_eq!(credential_state(&t, &jti_of(token)).await, "revoked");
+    }
+    assert!(introspects_active(&t, &t.url, &new_token).await);
+    assert_eq!(credential_state(&t, &jti_of(&new_token)).await, "active");
+    assert_eq!(kid_of(&jwt_exchange(&t).await), newer);
+}
+
+#[tokio::test]
+async fn the_cli_retires_a_signing_key_and_refuses_an_unknown_one_or_a_low_role() {
+    let t = TestApp::builder().no_background().start().await;
+    let kid = kid_of(&jwt_exchange(&t).await);
+    let (ok, out) = cli(&t, Some(SECURITY_KEY), &["signing-key", "retire", &kid, "--reason", "leak"]).await;
+    assert!(!ok && out.contains("admin"), "{out}");
+    let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", "no-such-kid", "--reason", "leak"]).await;
+    assert!(!ok && out.contains("404") && out.contains("no signing key"), "{out}");
+    let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", "../rotate", "--reason", "leak"]).await;
+    assert!(!ok && out.contains("not a signing key id"), "{out}");
+    assert_eq!(jwks_kids(&t).await, [kid.as_str()], "nothing changed");
+
+    let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", &kid, "--reason", "leak"]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("signing key {kid} retired")) && out.contains("1 credential(s) revoked"), "{out}");
+    let new_kid = jwks_kids(&t).await.remove(0);
+    assert_ne!(new_kid, kid);
+    assert!(out.contains(&format!("new signing key {new_kid} signs now")), "{out}");
+    assert_eq!(kid_of(&jwt_exchange(&t).await), new_kid);
+    let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", &kid, "--reason", "leak", "--json"]).await;
+    assert!(!ok && out.contains("already retired"), "{out}");
+}
+
+#[tokio::test]
+async fn a_second_replica_stops_signing_with_a_retired_key_at_its_next_refresh() {
+    // Two brokers on one store: only PostgreSQL allows it (a SQLite file has one process).
+    if crate::support::store::kind() != crate::support::store::Kind::Postgres {
+        eprintln!("skipped: two replicas need the PostgreSQL store (LATCHKEY_TEST_STORE=postgres runs it)");
+        return;
+    }
+    let a = TestApp::builder().no_background().start().await;
+    let config = latchkey::config::Config::load(&a.dir.path().join("latchkey.toml")).unwrap();
+    let b = latchkey::server::build(
+        config,
+        latchkey::server::Options {
+            clock: a.clock.clone(),
+            migrate: false,
+            dev_issuer: None,
+            sealer: Some(Sealer::from_bytes(&[9; 32])),
+            backends: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let running = latchkey::server::start(b.clone(), None, false).await.unwrap();
+    let b_url = running.url();
+    let exchange_at_b = async || {
+        let token = a.token(pr_claims());
+        let form = [
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("subject_token", token.as_str()),
+            ("scope", "pr-review"),
+        ];
+        let r = a.client.post(format!("{b_url}/v1/token")).form(&form).send().await.unwrap();
+        let answer = crate::support::test_app::answer(r).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+        answer.body["access_token"].as_str().unwrap().to_owned()
+    };
+    let kid = kid_of(&jwt_exchange(&a).await);
+    let from_b = exchange_at_b().await;
+    assert_eq!(kid_of(&from_b), kid, "one key, shared by the replicas");
+
+    let r = a.post_json(&format!("/v1/signing-keys/{kid}/retire"), Some(ADMIN_KEY), &json!({ "reason": "leak" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let new_kid = r.body["retired"]["replacement"]["kid"].as_str().unwrap().to_owned();
+    // The credential B issued is revoked in the store: B's introspection says so at once.
+    assert!(!introspects_active(&a, &b_url, &from_b).await);
+    // Until its refresh (every 10 s), B still has the old key set; then it drops the leaked key
+    // and signs with the replacement.
+    assert_eq!(kid_of(&exchange_at_b().await), kid);
+    latchkey::keys::refresh_signing_keys(&b).await.unwrap();
+    let after = exchange_at_b().await;
+    assert_eq!(kid_of(&after), new_kid);
+    let jwks: Value =
+        a.client.get(format!("{b_url}/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+    let kids: Vec<_> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].clone()).collect();
+    assert_eq!(kids, [json!(new_kid)]);
+    assert!(introspects_active(&a, &b_url, &after).await);
+    assert!(introspects_active(&a, &a.url, &after).await, "A verifies what B signed with the replacement");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reseal_pass_reads_the_blobs_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_a, key_b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+    latchkey::seal::generate_key_file(&key_a).unwrap();
+    latchkey::seal::generate_key_file(&key_b).unwrap();
+    let id_b = Sealer::load(&key_b, &[]).unwrap().key_id();
+    let (a, b) = (key_a.display().to_string(), key_b.display().to_string());
+    // B is current from the start; the blobs below are sealed under A as an older broker did.
+    let t = TestApp::builder().no_background().sealing_from_config().config(&sealing(&b, &[&a])).start().await;
+    let under_a = Sealer::load(&key_a, std::slice::from_ref(&key_b)).unwrap();
+    for _ in 0..5 {
+        let c = t.record_crashed_intent(latchkey::policy::BackendKind::Github).await;
+        let handle = latchkey::ledger::Handle {
+            sealed: Some(under_a.seal(c.id.as_bytes(), b"ghs_handle")),
+            fingerprint: "fp".into(),
+            expires_at: c.expires_at,
+        };
+        t.app.ledger.record_handle(c.id, &handle).await.unwrap();
+    }
+    let now = latchkey::app::Clock::now(&*t.clock);
+    let older = latchkey::backend::jwt::JwtBackend::load_or_create(&*t.app.ledger, &under_a, "https://x.test", now)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        older.rotate(&*t.app.ledger, &under_a, now, "admin-key:older", None).await.unwrap();
+    }
+
+    // Paged by (kind, id): 5 handles and 4 keys in pages of 2, one page crossing from handles
+    // to keys, every blob exactly once.
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = t.app.ledger.sealed_blobs(after.as_ref(), 2).await.unwrap();
+        after = page.last().map(latchkey::ledger::SealedBlob::cursor);
+        let last = page.len() < 2;
+        pages.push(page.iter().map(|b| (b.kind, b.id.clone())).collect::<Vec<_>>());
+        if last {
+            break;
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [2, 2, 2, 2, 1], "{pages:?}");
+    let walked: Vec<_> = pages.concat();
+    let mut sorted = walked.clone();
+    sorted.sort_by(|x, y| (x.0 == SealedKind::SigningKey, &x.1).cmp(&(y.0 == SealedKind::SigningKey, &y.1)));
+    sorted.dedup();
+    assert_eq!(walked, sorted, "in order, no repeats");
+    let kinds: Vec<_> = walked.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == SealedKind::CredentialHandle).count(), 5);
+    assert_eq!(kinds.iter().filter(|k| **k == SealedKind::SigningKey).count(), 4);
+
+    // The pass, in pages of 2: everything under A is re-sealed under B, and counted as done.
+    let report = latchkey::keys::reseal_in_pages(&t.app, 2).await.unwrap();
+    assert_eq!((report.resealed.credentials, report.resealed.signing_keys), (5, 3), "{report:?}");
+    assert_eq!((report.remaining, report.unreadable), (0, 0), "{report:?}");
+    assert_eq!(stored_key_ids(&t).await, vec![id_b.clone(); 9]);
+    assert_eq!(metric(&t, "latchkey_sealed_blobs_not_current").await, Some(0.0));
+    let events = t.events("sealing.resealed").await;
+    let total = |field: &str| events.iter().map(|e| e["detail"][field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((total("credentials"), total("signing_keys")), (5, 3), "{events:?}");
+    // The keys re-sealed under B still open and sign.
+    latchkey::keys::refresh_signing_keys(&t.app).await.unwrap();
+    assert_eq!(jwks_kids(&t).await.len(), 4);
+    jwt_exchange(&t).await;
+}
+
+#[tokio::test]
+async fn retiring_the_signing_key_never_brings_back_the_key_it_superseded() {
+    let t = TestApp::builder().no_background().start().await;
+    let old = kid_of(&jwt_exchange(&t).await);
+    let r = t.post_json("/v1/signing-keys/rotate", Some(ADMIN_KEY), &json!({})).await;
+    let leaked = r.body["key"]["kid"].as_str().unwrap().to_owned();
+    t.clock.advance(latchkey::backend::jwt::ACTIVATION_DELAY + chrono::Duration::seconds(1));
+    assert_eq!(kid_of(&jwt_exchange(&t).await), leaked);
+    // The old key is still published (its tokens may be live) but was rotated away from: it
+    // must not sign again. A replacement signs instead.
+    let r = t.post_json(&format!("/v1/signing-keys/{leaked}/retire"), Some(ADMIN_KEY), &json!({ "reason": "r" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let new_kid = r.body["retired"]["replacement"]["kid"].as_str().unwrap().to_owned();
+    assert_eq!(jwks_kids(&t).await, [old.as_str(), new_kid.as_str()]);
+    let states: Vec<_> = r.body["items"].as_array().unwrap().iter().map(|k| k["state"].clone()).collect();
+    assert_eq!(states, [json!("retiring"), json!("signing")], "{}", r.text);
+    assert_eq!(kid_of(&jwt_exchange(&t).await), new_kid);
+    // The old key still leaves the JWKS when its tokens have expired.
+    t.clock.advance(latchkey::backend::jwt::RETENTION);
+    latchkey::keys::refresh_signing_keys(&t.app).await.unwrap();
+    assert_eq!(jwks_kids(&t).await, [new_kid.as_str()]);
+    assert_eq!(kid_of(&jwt_exchange(&t).await), new_kid);
 }

@@ -13,15 +13,15 @@ use super::read;
 use crate::audit::{AuditEvent, chain_hash};
 use crate::kill::KillRule;
 use crate::ledger::command::{
-    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, Op, Reply, check_intent,
-    resealed_event,
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, KeyParams, Op, Reply,
+    check_intent, key_retired_event, resealed_event, retired_credential_event,
 };
 use crate::ledger::rows::{
     self, id, job_columns, job_from_row, kill_rule_from_row, stored_kill_columns, stored_kill_from_row, ts, ts_opt,
 };
 use crate::ledger::{
-    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, RevokeRequest,
-    SealedKind, StoredKill,
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, Retired,
+    RevokeRequest, SealedKind, StoredKill,
 };
 use crate::policy::limits::gcra;
 
@@ -126,21 +126,13 @@ impl Tx<'_> {
                 self.append(&event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::InsertSigningKey { id, algorithm, sealed_private, public_jwk, created_at, event } => {
-                self.exec(
-                    sqlx::query(
-                        "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at) \
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(id)
-                    .bind(algorithm)
-                    .bind(sealed_private)
-                    .bind(public_jwk)
-                    .bind(created_at),
-                )
-                .await?;
+            Op::InsertSigningKey { key, event } => {
+                self.insert_signing_key(key).await?;
                 self.append(&event).await?;
                 Ok(Applied::keep(Reply::Done))
+            }
+            Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => {
+                self.retire_signing_key(&kid, &at, replacement.map(|k| *k), &signed_from, signed_until, *event).await
             }
             Op::RecordCheckpoint { checkpoint: c, event } => {
                 // Under the chain lock, nothing can move the row between this check and the insert.
@@ -213,6 +205,101 @@ impl Tx<'_> {
             }
             Op::Reseal { reseals, key_id, now } => self.reseal(&reseals, &key_id, now).await,
         }
+    }
+
+    async fn insert_signing_key(&mut self, key: KeyParams) -> Result<(), LedgerError> {
+        self.exec(
+            sqlx::query(
+                "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at, signs_from) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(key.id)
+            .bind(key.algorithm)
+            .bind(key.sealed_private)
+            .bind(key.public_jwk)
+            .bind(key.created_at)
+            .bind(key.signs_from),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A leaked signing key, retired: the key, its replacement, and the live `jwt` credentials it
+    /// signed, all in this one transaction (under the chain lock, so serialized with every other
+    /// replica's writes): no reader sees the key gone while its credentials still look live, or
+    /// the key gone with nothing left to sign.
+    async fn retire_signing_key(
+        &mut self,
+        kid: &str,
+        at: &str,
+        replacement: Option<KeyParams>,
+        signed_from: &str,
+        signed_until: Option<String>,
+        event: AuditEvent,
+    ) -> Result<Applied, LedgerError> {
+        let n = self
+            .exec(
+                sqlx::query("UPDATE signing_keys SET retired_at = $2 WHERE id = $1 AND retired_at IS NULL")
+                    .bind(kid)
+                    .bind(at),
+            )
+            .await?;
+        if n == 0 {
+            let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM signing_keys WHERE id = $1")
+                .bind(kid)
+                .fetch_optional(&mut *self.conn)
+                .await
+                .map_err(db_err)?;
+            return Err(match known {
+                Some(_) => LedgerError::Conflict(format!("signing key {kid} is already retired")),
+                None => LedgerError::NotFound,
+            });
+        }
+        if let Some(key) = replacement {
+            self.insert_signing_key(key).await?;
+        }
+        let left: Option<i32> = sqlx::query_scalar("SELECT 1 FROM signing_keys WHERE retired_at IS NULL LIMIT 1")
+            .fetch_optional(&mut *self.conn)
+            .await
+            .map_err(db_err)?;
+        if left.is_none() {
+            return Err(LedgerError::Conflict("retiring the last signing key needs a replacement".into()));
+        }
+        let rows = sqlx::query(
+            "SELECT id, state, agent, capability, subject, repository, fingerprint FROM credentials \
+             WHERE backend = 'jwt' AND state IN ('pending', 'active') \
+             AND created_at >= $1 AND ($2::text IS NULL OR created_at < $2) AND expires_at > $3 \
+             ORDER BY created_at, id",
+        )
+        .bind(signed_from)
+        .bind(signed_until)
+        .bind(at)
+        .fetch_all(&mut *self.conn)
+        .await
+        .map_err(db_err)?;
+        let ended = rows.iter().map(rows::retired_credential_from_row).collect::<Result<Vec<_>, _>>()?;
+        let mut retired = Retired::default();
+        for c in &ended {
+            let cid = id(c.id);
+            if c.state == CredentialState::Pending {
+                self.exec(sqlx::query("UPDATE credentials SET revoke_requested = TRUE WHERE id = $1").bind(&cid))
+                    .await?;
+                retired.marked.push(c.id);
+            } else {
+                self.exec(
+                    sqlx::query(
+                        "UPDATE credentials SET state = 'revoked', revoked_at = $2, handle = NULL WHERE id = $1",
+                    )
+                    .bind(&cid)
+                    .bind(at),
+                )
+                .await?;
+                retired.revoked.push(c.id);
+            }
+            self.append(&retired_credential_event(&event, kid, c)).await?;
+        }
+        self.append(&key_retired_event(event, &retired)).await?;
+        Ok(Applied::keep(Reply::Retired(retired)))
     }
 
     /// Compare-and-set: a blob is replaced only while it is still the one the pass read, so

@@ -14,8 +14,9 @@ use crate::ledger::rows::{
     kill_target_from_row, sealed_blob_from_row, signing_key_from_row, stored_kill_columns, stored_kill_from_row, ts,
 };
 use crate::ledger::{
-    Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, StateFilter, StoredKey, StoredKill,
+    BlobCursor, Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage,
+    KillState, KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, SealedKind, StateFilter, StoredKey,
+    StoredKill,
 };
 
 fn decode_all<T>(rows: Vec<PgRow>, decode: impl Fn(&PgRow) -> Result<T, LedgerError>) -> Result<Vec<T>, LedgerError> {
@@ -212,7 +213,8 @@ pub(super) async fn events(e: impl PgExecutor<'_>, after: i64, limit: i64) -> Re
 
 pub(super) async fn signing_keys(pool: &PgPool) -> Result<Vec<StoredKey>, LedgerError> {
     let rows = sqlx::query(
-        "SELECT id, algorithm, sealed_private, public_jwk, created_at FROM signing_keys ORDER BY created_at, id",
+        "SELECT id, algorithm, sealed_private, public_jwk, created_at, signs_from, retired_at FROM signing_keys \
+         ORDER BY created_at, id",
     )
     .fetch_all(pool)
     .await
@@ -220,9 +222,42 @@ pub(super) async fn signing_keys(pool: &PgPool) -> Result<Vec<StoredKey>, Ledger
     decode_all(rows, signing_key_from_row)
 }
 
-pub(super) async fn sealed_blobs(pool: &PgPool) -> Result<Vec<SealedBlob>, LedgerError> {
-    let rows = sqlx::query(rows::SEALED_BLOBS).fetch_all(pool).await.map_err(db_err)?;
-    decode_all(rows, sealed_blob_from_row)
+/// A page of sealed blobs: credential handles by id (through the partial index of handles that
+/// are left), then signing keys by id, each table read by its own keyset query.
+pub(super) async fn sealed_blobs(
+    pool: &PgPool,
+    after: Option<&BlobCursor>,
+    limit: usize,
+) -> Result<Vec<SealedBlob>, LedgerError> {
+    let mut page = Vec::new();
+    let after_key = match after {
+        Some(BlobCursor { kind: SealedKind::SigningKey, id }) => id.as_str(),
+        credential => {
+            let rows = sqlx::query(
+                "SELECT 'credential', id, handle FROM credentials \
+                 WHERE handle IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(credential.map_or("", |c| c.id.as_str()))
+            .bind(page_limit(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(db_err)?;
+            page = decode_all(rows, sealed_blob_from_row)?;
+            ""
+        }
+    };
+    if page.len() < limit {
+        let rows = sqlx::query(
+            "SELECT 'signing_key', id, sealed_private FROM signing_keys WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after_key)
+        .bind(page_limit(limit - page.len()))
+        .fetch_all(pool)
+        .await
+        .map_err(db_err)?;
+        page.extend(decode_all(rows, sealed_blob_from_row)?);
+    }
+    Ok(page)
 }
 
 fn before(cursor: Option<(DateTime<Utc>, uuid::Uuid)>) -> (Option<String>, Option<String>) {

@@ -40,6 +40,7 @@ use super::{
     LedgerError, LiveCount, LiveCredential, NewJob, Reseal, ResealCount, RevokeRequest, SealedBlob, StoredKey,
     StoredKill,
 };
+use super::{BlobCursor, RetireKey, Retired};
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
 
@@ -554,8 +555,16 @@ impl Ledger for SqliteLedger {
         self.write(Op::insert_signing_key(key, &event)).await.map(drop)
     }
 
-    async fn sealed_blobs(&self) -> Result<Vec<SealedBlob>, LedgerError> {
-        self.readers.run(read::sealed_blobs).await
+    async fn retire_signing_key(&self, retire: RetireKey) -> Result<Retired, LedgerError> {
+        match self.write(Op::retire_signing_key(retire)).await? {
+            Reply::Retired(retired) => Ok(retired),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn sealed_blobs(&self, after: Option<&BlobCursor>, limit: usize) -> Result<Vec<SealedBlob>, LedgerError> {
+        let after = after.cloned();
+        self.readers.run(move |c| read::sealed_blobs(c, after.as_ref(), limit)).await
     }
 
     async fn reseal(&self, reseals: Vec<Reseal>, key_id: &str, now: DateTime<Utc>) -> Result<ResealCount, LedgerError> {

@@ -17,13 +17,13 @@ use super::writer::ChainHead;
 use crate::audit::{AuditEvent, chain_hash};
 use crate::kill::KillRule;
 use crate::ledger::command::{
-    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, Op, Reply, check_intent,
-    resealed_event,
+    Applied, CredentialParams, EventParams, ExchangeParams, FinishParams, Gate, JobParams, KeyParams, Op, Reply,
+    check_intent, key_retired_event, resealed_event, retired_credential_event,
 };
 use crate::ledger::rows::{self, LiveExchange, LiveRow, id, ts, ts_opt};
 use crate::ledger::{
-    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, RevokeRequest,
-    SealedKind, StoredKill,
+    Activation, CredentialState, ExchangeState, JobKind, KillEffect, LedgerError, Reseal, ResealCount, Retired,
+    RevokeRequest, SealedKind, StoredKill,
 };
 use crate::policy::limits::gcra;
 
@@ -128,16 +128,19 @@ impl Tx<'_> {
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::InsertSigningKey { id, algorithm, sealed_private, public_jwk, created_at, event } => {
-                exec(
-                    self.conn,
-                    "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, algorithm, sealed_private, public_jwk, created_at],
-                )?;
+            Op::InsertSigningKey { key, event } => {
+                self.insert_signing_key(&key)?;
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
+            Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => self.retire_signing_key(
+                &kid,
+                &at,
+                replacement.as_deref(),
+                &signed_from,
+                signed_until.as_deref(),
+                *event,
+            ),
             Op::RecordCheckpoint { checkpoint: c, event } => {
                 // Under the writer, nothing can move the row between this check and the insert.
                 let on_chain = query_opt(self.conn, "SELECT hash FROM audit_events WHERE seq = ?1", [c.seq], |r| {
@@ -188,6 +191,76 @@ impl Tx<'_> {
             }
             Op::Reseal { reseals, key_id, now } => self.reseal(&reseals, &key_id, now),
         }
+    }
+
+    fn insert_signing_key(&self, key: &KeyParams) -> Result<(), LedgerError> {
+        exec(
+            self.conn,
+            "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at, signs_from) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![key.id, key.algorithm, key.sealed_private, key.public_jwk, key.created_at, key.signs_from],
+        )?;
+        Ok(())
+    }
+
+    /// A leaked signing key, retired: the key, its replacement, and the live `jwt` credentials it
+    /// signed, all in this one savepoint, so that no reader ever sees the key gone while its
+    /// credentials still look live, or the key gone with nothing left to sign.
+    fn retire_signing_key(
+        &mut self,
+        kid: &str,
+        at: &str,
+        replacement: Option<&KeyParams>,
+        signed_from: &str,
+        signed_until: Option<&str>,
+        event: AuditEvent,
+    ) -> Result<Applied, LedgerError> {
+        let n = exec(
+            self.conn,
+            "UPDATE signing_keys SET retired_at = ?2 WHERE id = ?1 AND retired_at IS NULL",
+            params![kid, at],
+        )?;
+        if n == 0 {
+            let known = query_opt(self.conn, "SELECT 1 FROM signing_keys WHERE id = ?1", [kid], |_| Ok(()))?;
+            return Err(match known {
+                Some(()) => LedgerError::Conflict(format!("signing key {kid} is already retired")),
+                None => LedgerError::NotFound,
+            });
+        }
+        if let Some(key) = replacement {
+            self.insert_signing_key(key)?;
+        }
+        let left = query_opt(self.conn, "SELECT 1 FROM signing_keys WHERE retired_at IS NULL LIMIT 1", [], |_| Ok(()))?;
+        if left.is_none() {
+            return Err(LedgerError::Conflict("retiring the last signing key needs a replacement".into()));
+        }
+        let ended = query_all(
+            self.conn,
+            "SELECT id, state, agent, capability, subject, repository, fingerprint FROM credentials \
+             WHERE backend = 'jwt' AND state IN ('pending', 'active') \
+             AND created_at >= ?1 AND (?2 IS NULL OR created_at < ?2) AND expires_at > ?3 \
+             ORDER BY created_at, id",
+            params![signed_from, signed_until, at],
+            |r| rows::retired_credential_from_row(r),
+        )?;
+        let mut retired = Retired::default();
+        for c in &ended {
+            let cid = id(c.id);
+            if c.state == CredentialState::Pending {
+                exec(self.conn, "UPDATE credentials SET revoke_requested = TRUE WHERE id = ?1", [&cid])?;
+                retired.marked.push(c.id);
+            } else {
+                exec(
+                    self.conn,
+                    "UPDATE credentials SET state = 'revoked', revoked_at = ?2, handle = NULL WHERE id = ?1",
+                    params![cid, at],
+                )?;
+                retired.revoked.push(c.id);
+            }
+            self.append(&retired_credential_event(&event, kid, c))?;
+        }
+        self.append(&key_retired_event(event, &retired))?;
+        Ok(Applied::keep(Reply::Retired(retired)))
     }
 
     /// Compare-and-set: a blob is replaced only while it is still the one the pass read.

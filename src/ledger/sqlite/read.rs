@@ -20,8 +20,9 @@ use super::ops::{live_exchanges, rules_in_force};
 use crate::audit::StoredEvent;
 use crate::kill::Selector;
 use crate::ledger::{
-    Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage, KillState,
-    KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, StateFilter, StoredKey, StoredKill,
+    BlobCursor, Checkpoint, CredentialQuery, CredentialRow, EventQuery, ExchangeQuery, ExchangeRow, KillPage,
+    KillState, KillTarget, LedgerError, LiveCount, LiveCredential, SealedBlob, SealedKind, StateFilter, StoredKey,
+    StoredKill,
 };
 
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -208,14 +209,44 @@ pub(super) fn events(conn: &Connection, after: i64, limit: i64) -> Result<Vec<St
 pub(super) fn signing_keys(conn: &Connection) -> Result<Vec<StoredKey>, LedgerError> {
     query_all(
         conn,
-        "SELECT id, algorithm, sealed_private, public_jwk, created_at FROM signing_keys ORDER BY created_at, id",
+        "SELECT id, algorithm, sealed_private, public_jwk, created_at, signs_from, retired_at FROM signing_keys \
+         ORDER BY created_at, id",
         [],
         |r| signing_key_from_row(r),
     )
 }
 
-pub(super) fn sealed_blobs(conn: &Connection) -> Result<Vec<SealedBlob>, LedgerError> {
-    query_all(conn, crate::ledger::rows::SEALED_BLOBS, [], |r| sealed_blob_from_row(r))
+/// A page of sealed blobs: credential handles by id (through the partial index of handles that
+/// are left), then signing keys by id. Each table is read by its own keyset query.
+pub(super) fn sealed_blobs(
+    conn: &Connection,
+    after: Option<&BlobCursor>,
+    limit: usize,
+) -> Result<Vec<SealedBlob>, LedgerError> {
+    let mut page = Vec::new();
+    let after_key = match after {
+        Some(BlobCursor { kind: SealedKind::SigningKey, id }) => id.as_str(),
+        credential => {
+            let after_id = credential.map_or("", |c| c.id.as_str());
+            page = query_all(
+                conn,
+                "SELECT 'credential', id, handle FROM credentials INDEXED BY credentials_sealed \
+                 WHERE handle IS NOT NULL AND id > ?1 ORDER BY id LIMIT ?2",
+                params![after_id, page_limit(limit)],
+                |r| sealed_blob_from_row(r),
+            )?;
+            ""
+        }
+    };
+    if page.len() < limit {
+        page.extend(query_all(
+            conn,
+            "SELECT 'signing_key', id, sealed_private FROM signing_keys WHERE id > ?1 ORDER BY id LIMIT ?2",
+            params![after_key, page_limit(limit - page.len())],
+            |r| sealed_blob_from_row(r),
+        )?);
+    }
+    Ok(page)
 }
 
 pub(super) fn ping(conn: &Connection) -> Result<(), LedgerError> {

@@ -17,6 +17,7 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0002_kill_switch", include_str!("../../../migrations/sqlite/0002_kill_switch.sql")),
     ("0003_audit", include_str!("../../../migrations/sqlite/0003_audit.sql")),
     ("0004_limits", include_str!("../../../migrations/sqlite/0004_limits.sql")),
+    ("0005_signing_key_retirement", include_str!("../../../migrations/sqlite/0005_signing_key_retirement.sql")),
 ];
 
 pub(super) fn latest() -> i64 {

@@ -705,6 +705,8 @@ async fn signing_keys_round_trip() {
         sealed_private: vec![1, 2, 3],
         public_jwk: json!({"kty": "EC", "crv": "P-256", "kid": "k1"}),
         created_at: t0(),
+        signs_from: Some(t0() + chrono::Duration::seconds(1)),
+        retired_at: None,
     };
     ledger.insert_signing_key(&key, event("signing_key.created", t0())).await.unwrap();
     let keys = ledger.signing_keys().await.unwrap();
@@ -713,6 +715,7 @@ async fn signing_keys_round_trip() {
         (keys[0].id.as_str(), &keys[0].sealed_private, &keys[0].public_jwk),
         ("k1", &key.sealed_private, &key.public_jwk)
     );
+    assert_eq!((keys[0].signs_from, keys[0].retired_at), (key.signs_from, None));
     assert!(matches!(ledger.insert_signing_key(&key, event("x", t0())).await, Err(LedgerError::Conflict(_))));
     assert_eq!(verified_events(&ledger).await.len(), 1);
 }
