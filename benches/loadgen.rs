@@ -5,7 +5,11 @@
 //! ledger and one `jwt` capability, runs `latchkey migrate` and `latchkey serve`, pre-mints one
 //! subject token per exchange (single use is on, so a token cannot be sent twice), and then
 //! drives `POST /v1/token` in a closed loop over `--concurrency` keep-alive connections while it
-//! samples the server's memory and CPU from `/proc`. See docs/BENCHMARKS.md.
+//! samples the server's memory and CPU from `/proc`.
+//!
+//! With `--backend aws --moto URL` the capability grants an STS session from moto instead, and
+//! a second load, in the same run, calls moto's `AssumeRole` directly with what latchkey sends:
+//! the difference is what latchkey adds to the backend. See docs/BENCHMARKS.md.
 
 #[path = "loadgen/issuer.rs"]
 mod issuer;
@@ -13,6 +17,8 @@ mod issuer;
 mod load;
 #[path = "loadgen/metrics.rs"]
 mod metrics;
+#[path = "loadgen/moto.rs"]
+mod moto;
 #[path = "loadgen/procfs.rs"]
 mod procfs;
 #[path = "loadgen/report.rs"]
@@ -29,8 +35,18 @@ use clap::Parser;
 use serde_json::Value;
 
 use crate::issuer::{Issuer, TOKEN_LIFETIME_SECS};
+use crate::load::Call;
 use crate::report::{RunInfo, Targets};
-use crate::server::Server;
+use crate::server::{Grant, Server};
+
+/// What the benchmark's capability grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// A latchkey JWT: latchkey alone.
+    Jwt,
+    /// An STS session from moto (`--moto`), compared with moto's `AssumeRole` called directly.
+    Aws,
+}
 
 /// Measure `POST /v1/token` on a local `latchkey serve` (jwt backend, SQLite or PostgreSQL ledger).
 #[derive(Debug, Parser)]
@@ -44,6 +60,14 @@ struct Args {
     /// database or schema of the benchmark's own: it is migrated and written to).
     #[arg(long, default_value = "sqlite://latchkey.db", value_name = "URL")]
     store: String,
+    /// What the capability grants. `aws` also runs the same load on moto's `AssumeRole` directly,
+    /// after the exchanges, and reports what latchkey adds.
+    #[arg(long, value_enum, default_value_t = Backend::Jwt)]
+    backend: Backend,
+    /// moto's URL (STS and IAM) for `--backend aws`. The AWS credentials of the environment sign
+    /// every call, latchkey's and the direct ones alike.
+    #[arg(long, value_name = "URL")]
+    moto: Option<String>,
     /// Concurrent connections, each a closed loop (one request in flight).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
@@ -53,7 +77,8 @@ struct Args {
     /// Load before the measurement starts, not counted.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     warmup: Duration,
-    /// Tokens to pre-mint, one per exchange [default: 8,000 per second of warm-up + duration].
+    /// Tokens to pre-mint, one per exchange [default: per second of warm-up + duration, 8,000
+    /// (jwt) or 1,000 (aws)].
     #[arg(long, value_name = "N")]
     tokens: Option<usize>,
     /// Print a JSON summary on stdout instead of the table (progress still goes to stderr).
@@ -156,7 +181,12 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         );
     }
     let concurrency = usize::from(args.concurrency);
-    let token_count = args.tokens.unwrap_or_else(|| (total.as_secs_f64() * 8000.0).ceil() as usize);
+    // An exchange that waits for STS is far slower than one that signs a JWT.
+    let per_second = match args.backend {
+        Backend::Jwt => 8000.0,
+        Backend::Aws => 1000.0,
+    };
+    let token_count = args.tokens.unwrap_or_else(|| (total.as_secs_f64() * per_second).ceil() as usize);
     if token_count < concurrency + 2 {
         bail!("--tokens must be at least --concurrency + 2");
     }
@@ -177,7 +207,18 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
     }
 
     let issuer = Issuer::start().await?;
-    let files = server::write_files(&dir, &issuer.url, &args.store)?;
+    // With `--backend aws`: moto's URL, and a role there for both loads to assume.
+    let aws = match (args.backend, &args.moto) {
+        (Backend::Aws, Some(url)) => Some((url.as_str(), moto::create_role(url).await?)),
+        (Backend::Aws, None) => bail!("--backend aws needs --moto URL"),
+        (Backend::Jwt, Some(_)) => bail!("--moto goes with --backend aws"),
+        (Backend::Jwt, None) => None,
+    };
+    let grant = match &aws {
+        Some((endpoint, role_arn)) => Grant::Aws { endpoint, role_arn },
+        None => Grant::Jwt,
+    };
+    let files = server::write_files(&dir, &issuer.url, &args.store, &grant)?;
     eprintln!("issuer {}; latchkey will listen on {}", issuer.url, files.listen);
     server::migrate(&latchkey, &files).await?;
     let mut server = Server::start(&latchkey, &files).await?;
@@ -196,7 +237,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
     }
 
     let token_url = format!("{}/v1/token", server.url);
-    preflight(&token_url, &mut bodies).await?;
+    preflight(&token_url, &mut bodies, grant.backend()).await?;
     if let Some(status) = server.exited() {
         bail!(
             "latchkey serve exited after the first exchange ({status}); its log:\n{}",
@@ -209,8 +250,8 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         args.duration.as_secs_f64()
     );
 
-    let plan = load::Plan {
-        url: token_url,
+    let mut plan = load::Plan {
+        call: Call::Exchange(token_url.into()),
         base_url: server.url.clone(),
         concurrency,
         warmup: args.warmup,
@@ -221,6 +262,21 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         progress: true,
     };
     let outcome = load::run(&plan, bodies).await?;
+    // The same load on the backend alone, right after, on the same moto. latchkey stays up, idle,
+    // so that the server checks of the run still hold.
+    let direct = match &aws {
+        Some((url, role_arn)) => {
+            eprintln!(
+                "load: the same on moto's AssumeRole directly, {concurrency} connections, {:.1} s warm-up + {:.1} s measured",
+                args.warmup.as_secs_f64(),
+                args.duration.as_secs_f64()
+            );
+            plan.call = Call::AssumeRole(std::sync::Arc::new(moto::AssumeRole::new(url, role_arn).await));
+            plan.profile = None;
+            Some(load::run(&plan, Vec::new()).await?)
+        }
+        None => None,
+    };
 
     let info = RunInfo {
         latchkey: latchkey.display().to_string(),
@@ -237,24 +293,41 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         server_log: server.log.display().to_string(),
         server_exited: server.exited().map(|s| s.to_string()),
     };
-    let targets =
-        Targets { min_rate: args.target_rate, max_p99_ms: args.target_p99_ms, max_rss_mb: args.target_rss_mb };
+    let targets = match args.backend {
+        Backend::Jwt => {
+            Targets { min_rate: args.target_rate, max_p99_ms: args.target_p99_ms, max_rss_mb: args.target_rss_mb }
+        }
+        // The targets are latchkey's own; behind moto only failures and the server's memory count.
+        Backend::Aws => Targets { min_rate: 0.0, max_p99_ms: f64::INFINITY, max_rss_mb: args.target_rss_mb },
+    };
     let summary = report::summarize(&outcome, &info, &targets);
+    let direct = direct.map(|o| {
+        let info = RunInfo { tokens_minted: 0, debug_build: false, ..info.clone() };
+        let s = report::summarize(&o, &info, &targets);
+        (s, o)
+    });
     if info.server_log_lines > 0 {
         eprintln!("server log ({} lines), last lines:\n{}", info.server_log_lines, server::log_tail(&server.log, 10));
     }
     server.stop().await;
     drop(issuer);
 
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report::to_json(&summary, &outcome, &info, &targets))?);
-    } else {
-        report::print_human(&summary, &outcome, &info);
+    let pass = summary.pass() && direct.as_ref().is_none_or(|(s, _)| s.pass());
+    match (&direct, args.json) {
+        (None, false) => report::print_human(&summary, &outcome, &info),
+        (None, true) => {
+            println!("{}", serde_json::to_string_pretty(&report::to_json(&summary, &outcome, &info, &targets))?)
+        }
+        (Some((ds, d)), false) => report::print_comparison((&summary, &outcome), (ds, d), &info),
+        (Some((ds, d)), true) => {
+            let json = report::comparison_json((&summary, &outcome), (ds, d), &info, &targets);
+            println!("{}", serde_json::to_string_pretty(&json)?)
+        }
     }
     if args.keep {
         eprintln!("working directory kept: {}", dir.display());
     }
-    Ok(if summary.pass() { Verdict::Pass } else { Verdict::Fail })
+    Ok(if pass { Verdict::Pass } else { Verdict::Fail })
 }
 
 /// `--latchkey`, else `latchkey` beside this executable (`target/release/` for a release build).
@@ -272,7 +345,7 @@ fn latchkey_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
 /// One exchange before the load, to fail fast with the server's answer instead of a run of
 /// errors, and one replay of the same token, which single use must refuse: otherwise the run
 /// would not be measuring the durable `jti` spend it claims to.
-async fn preflight(url: &str, bodies: &mut Vec<Vec<u8>>) -> anyhow::Result<()> {
+async fn preflight(url: &str, bodies: &mut Vec<Vec<u8>>, backend: &str) -> anyhow::Result<()> {
     let body = bodies.pop().ok_or_else(|| anyhow!("no tokens"))?;
     let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build()?;
     let send = |body: Vec<u8>| {
@@ -286,10 +359,10 @@ async fn preflight(url: &str, bodies: &mut Vec<Vec<u8>>) -> anyhow::Result<()> {
     }
     let answer: Value = serde_json::from_str(&text).context("the first exchange's answer is not JSON")?;
     let credential = &answer["credentials"][0];
-    if answer["access_token"].as_str().is_none_or(str::is_empty) || credential["backend"] != "jwt" {
+    if answer["access_token"].as_str().is_none_or(str::is_empty) || credential["backend"] != backend {
         // Print the shape only: the answer holds a live credential.
         let keys: Vec<&String> = answer.as_object().map(|o| o.keys().collect()).unwrap_or_default();
-        bail!("the first exchange answered 200 without an access_token and a jwt credential (fields: {keys:?})");
+        bail!("the first exchange answered 200 without an access_token and a {backend} credential (fields: {keys:?})");
     }
     let replay = send(body).await.context("the replayed exchange")?;
     let replay_status = replay.status();

@@ -6,6 +6,9 @@
 #                                    (or `cargo test`), e.g. `-- peer_smoke`
 #   LATCHKEY_TEST_STORES=sqlite scripts/test.sh
 #                                    one store only (`sqlite`, `postgres`; default both)
+#   scripts/test.sh --with-peers aws,vault COMMAND...
+#                                    no checks: starts only the named peers (they must start),
+#                                    runs COMMAND with their variables, stops them (benchmarks)
 #
 # The integration suite runs once per store: with SQLite, then with PostgreSQL (see
 # docs/TESTING.md).
@@ -29,13 +32,19 @@ PEERS=(oidc github aws vault postgres)
 read -r -a STORES <<<"${LATCHKEY_TEST_STORES:-sqlite postgres}"
 
 usage() {
-  sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 FILTER=()
+WITH_PEERS=()  # --with-peers: these peers only, then COMMAND
+COMMAND=()
 while (($#)); do
   case $1 in
     --) shift; FILTER=("$@"); break ;;
+    --with-peers)
+      (($# >= 3)) || { echo "test.sh: --with-peers needs PEER[,PEER...] and a COMMAND" >&2; exit 2; }
+      IFS=, read -r -a WITH_PEERS <<<"$2"
+      shift 2; COMMAND=("$@"); break ;;
     -h | --help) usage; exit 0 ;;
     *) echo "test.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -502,6 +511,15 @@ one_crypto_provider() {
     return 1
   fi
 }
+
+# A benchmark needs its peers, not the checks: start those it names, run it, stop them.
+if ((${#WITH_PEERS[@]})); then
+  PEERS=("${WITH_PEERS[@]}")
+  REQUIRE_PEERS=1 LATCHKEY_REQUIRE_PEERS=1 # a benchmark without its peer measures nothing
+  step "peers" start_peers
+  "${COMMAND[@]}"
+  exit
+fi
 
 step "cargo fmt" cargo fmt --all -- --check
 step "one crypto provider" one_crypto_provider

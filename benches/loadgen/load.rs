@@ -1,5 +1,6 @@
 //! The load: a closed loop over `concurrency` keep-alive connections, each sending the next
-//! pre-minted token as soon as the previous answer arrived, while `/proc` is sampled.
+//! pre-minted token as soon as the previous answer arrived, while `/proc` is sampled. With
+//! `--backend aws` a second load calls STS `AssumeRole` directly, in the same loop.
 //!
 //! Measurement window: a request counts when it *completes* inside
 //! `[start + warmup, start + warmup + duration]`. Requests that complete during the warm-up or
@@ -22,9 +23,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Memory is sampled this often; a short spike between two samples is still caught by `VmHWM`.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
+/// What each request of the loop is.
+#[derive(Clone)]
+pub enum Call {
+    /// An exchange: the next pre-minted form, posted to latchkey's `/v1/token` at this URL.
+    Exchange(Arc<str>),
+    /// The backend alone: STS `AssumeRole`, no token needed.
+    AssumeRole(Arc<crate::moto::AssumeRole>),
+}
+
 pub struct Plan {
-    /// `http://127.0.0.1:PORT/v1/token`.
-    pub url: String,
+    pub call: Call,
     /// `http://127.0.0.1:PORT`, for `/metrics`.
     pub base_url: String,
     pub concurrency: usize,
@@ -125,18 +134,28 @@ fn client() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-async fn worker(client: reqwest::Client, url: Arc<str>, shared: Arc<Shared>) -> WorkerStats {
+async fn worker(client: reqwest::Client, call: Call, shared: Arc<Shared>) -> WorkerStats {
     let mut stats = WorkerStats { latencies_ns: Vec::with_capacity(64 * 1024), ..WorkerStats::default() };
     loop {
         if Instant::now() >= shared.stop_at || shared.abort.load(Ordering::Relaxed) {
             break;
         }
-        let Some(body) = shared.next_body() else {
-            stats.exhausted = true;
-            break;
+        let sent;
+        let answer = match &call {
+            Call::Exchange(url) => {
+                let Some(body) = shared.next_body() else {
+                    stats.exhausted = true;
+                    break;
+                };
+                sent = Instant::now();
+                exchange(&client, url, body).await
+            }
+            Call::AssumeRole(direct) => {
+                shared.taken.fetch_add(1, Ordering::Relaxed);
+                sent = Instant::now();
+                direct.call().await
+            }
         };
-        let sent = Instant::now();
-        let answer = exchange(&client, &url, body).await;
         let done = Instant::now();
         stats.last_done = Some(done);
         let in_window = done >= shared.measure_from && done <= shared.stop_at;
@@ -163,9 +182,10 @@ async fn worker(client: reqwest::Client, url: Arc<str>, shared: Arc<Shared>) -> 
     stats
 }
 
-struct Failure {
-    kind: String,
-    message: String,
+/// A failed request: its kind (`"400"`, `"transport: timeout"`, …) and what to show of it.
+pub struct Failure {
+    pub kind: String,
+    pub message: String,
 }
 
 /// One exchange. Success is a 200 whose body carries an `access_token`; anything else is an
@@ -223,8 +243,8 @@ pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
         errors_total: AtomicU64::new(0),
         first_errors: Mutex::new(Vec::new()),
     });
-    let url: Arc<str> = plan.url.as_str().into();
-    let handles: Vec<_> = clients.into_iter().map(|c| tokio::spawn(worker(c, url.clone(), shared.clone()))).collect();
+    let handles: Vec<_> =
+        clients.into_iter().map(|c| tokio::spawn(worker(c, plan.call.clone(), shared.clone()))).collect();
 
     let mut sampler = tokio::time::interval_at(start.into(), SAMPLE_EVERY);
     sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -14,7 +14,7 @@ pub struct Targets {
 }
 
 /// Context the report prints beside the figures.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RunInfo {
     pub latchkey: String,
     /// The store's kind (`sqlite`, `postgres`): the URL's scheme, never the rest of it.
@@ -248,6 +248,96 @@ pub fn to_json(summary: &Summary, outcome: &Outcome, info: &RunInfo, targets: &T
     })
 }
 
+/// What latchkey adds to the backend (`--backend aws`): the exchange through latchkey against
+/// the backend's own call, at the same concurrency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overhead {
+    /// Exchange median / direct median.
+    pub p50_ratio: f64,
+    pub p50_added_ms: f64,
+    pub p99_added_ms: f64,
+    /// Exchanges per second / direct calls per second.
+    pub throughput_ratio: f64,
+}
+
+pub fn overhead(latchkey: &Summary, direct: &Summary) -> Overhead {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    Overhead {
+        p50_ratio: ratio(latchkey.latency.p50, direct.latency.p50),
+        p50_added_ms: latchkey.latency.p50 - direct.latency.p50,
+        p99_added_ms: latchkey.latency.p99 - direct.latency.p99,
+        throughput_ratio: ratio(latchkey.rate, direct.rate),
+    }
+}
+
+/// `--backend aws`: both loads side by side, and the difference.
+pub fn print_comparison(latchkey: (&Summary, &Outcome), direct: (&Summary, &Outcome), info: &RunInfo) {
+    println!();
+    println!(
+        "latchkey's aws backend against moto's AssumeRole alone: {} connections each, closed loop, {:.0} s measured after {:.0} s warm-up",
+        info.concurrency, info.duration_s, info.warmup_s
+    );
+    println!("  binary        {}", info.latchkey);
+    println!("  store         {}", info.store);
+    println!();
+    println!(
+        "  {:<22} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "", "per s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "failed", "latchkey", "loadgen", "others"
+    );
+    for (name, (s, o)) in [("exchange via latchkey", latchkey), ("AssumeRole direct", direct)] {
+        let l = &s.latency;
+        println!(
+            "  {name:<22} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>9.2} {:>9.2} {:>9.2}",
+            s.rate, l.p50, l.p90, l.p99, l.p999, s.errors, o.cores.server, o.cores.loadgen, o.cores.others
+        );
+    }
+    println!("  (CPU in cores over each window; \"others\" is mostly moto, which is single-threaded Python)");
+    let o = overhead(latchkey.0, direct.0);
+    println!();
+    println!(
+        "  latchkey adds {:+.2} ms at p50 ({:.2}x the direct median) and {:+.2} ms at p99; throughput {:.2}x the direct calls'",
+        o.p50_added_ms, o.p50_ratio, o.p99_added_ms, o.throughput_ratio
+    );
+    if let Some((mean_ms, count)) = latchkey.1.server_side {
+        println!("  server-side   mean {mean_ms:.2} ms inside the broker over {count} exchanges (its /metrics)");
+    }
+    let mut pass = true;
+    for (name, (s, o)) in [("exchange", latchkey), ("direct", direct)] {
+        for c in s.checks.iter().filter(|c| !c.pass) {
+            println!("  {name}: {:<34} {:>12}   FAIL", c.name, c.value);
+            pass = false;
+        }
+        if s.errors > 0 {
+            println!("  {name} failures: {}", fmt_errors(o));
+        }
+        for (i, e) in o.first_errors.iter().enumerate() {
+            println!("  {name} failure #{}    {e}", i + 1);
+        }
+        for w in &s.warnings {
+            println!("warning: {name}: {w}");
+        }
+    }
+    println!("result: {}", if pass { "PASS" } else { "FAIL" });
+}
+
+pub fn comparison_json(
+    latchkey: (&Summary, &Outcome),
+    direct: (&Summary, &Outcome),
+    info: &RunInfo,
+    targets: &Targets,
+) -> Value {
+    let o = overhead(latchkey.0, direct.0);
+    let pass = latchkey.0.pass() && direct.0.pass();
+    let direct_info = RunInfo { tokens_minted: 0, ..info.clone() };
+    json!({
+        "result": if pass { "PASS" } else { "FAIL" },
+        "backend": "aws",
+        "overhead": {"p50_ratio": o.p50_ratio, "p50_added_ms": o.p50_added_ms, "p99_added_ms": o.p99_added_ms, "throughput_ratio": o.throughput_ratio},
+        "latchkey": to_json(latchkey.0, latchkey.1, info, targets),
+        "direct": to_json(direct.0, direct.1, &direct_info, targets),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -332,6 +422,19 @@ mod tests {
         assert_eq!(s.rate, 3000.0);
         assert!(s.warnings.iter().any(|w| w.contains("--tokens")));
         assert!(!s.pass(), "a cut-short run does not show a sustained rate");
+    }
+
+    #[test]
+    fn overhead_is_the_difference_and_the_ratio_of_medians() {
+        let through = summarize(&outcome(1_000, 12, 60), &info(), &TARGETS);
+        let direct = summarize(&outcome(2_000, 8, 60), &info(), &TARGETS);
+        let o = overhead(&through, &direct);
+        assert_eq!(o, Overhead { p50_ratio: 1.5, p50_added_ms: 4.0, p99_added_ms: 4.0, throughput_ratio: 0.5 });
+        let j =
+            comparison_json((&through, &outcome(1_000, 12, 60)), (&direct, &outcome(2_000, 8, 60)), &info(), &TARGETS);
+        assert_eq!(j["overhead"]["p50_ratio"], 1.5);
+        assert_eq!(j["latchkey"]["latency_ms"]["p50"], 12.0);
+        assert_eq!(j["direct"]["latency_ms"]["p50"], 8.0);
     }
 
     #[test]

@@ -14,9 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::issuer::AUDIENCE;
 
-/// The capability the benchmark exchanges for: one `jwt` grant, so that no outside service is
-/// involved and what is measured is latchkey itself (verify, policy, ledger, signing).
-pub const POLICY: &str = r#"description = "benchmark capability"
+/// The capability the benchmark exchanges for, up to its grant.
+const POLICY_HEAD: &str = r#"description = "benchmark capability"
 agent = "bench"
 issuer = "github-actions"
 ttl = "15m"
@@ -25,11 +24,50 @@ ttl = "15m"
 repository_owner_id = "1234567"
 repository = "acme/widgets"
 ref = ["refs/heads/main", "refs/pull/*/merge"]
-
-[[grant]]
-backend = "jwt"
-audience = "https://internal.example"
 "#;
+
+/// What the capability grants.
+#[derive(Debug, Clone, Copy)]
+pub enum Grant<'a> {
+    /// One `jwt`: no outside service is involved, and what is measured is latchkey itself
+    /// (verify, policy, ledger, signing).
+    Jwt,
+    /// One STS session of this role, from the STS and IAM at `endpoint` (moto).
+    Aws { endpoint: &'a str, role_arn: &'a str },
+}
+
+impl Grant<'_> {
+    /// The backend's name, as the exchange's answer gives it.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Grant::Jwt => "jwt",
+            Grant::Aws { .. } => "aws",
+        }
+    }
+
+    pub fn policy(&self) -> String {
+        let s = |v: &str| serde_json::Value::from(v).to_string(); // a JSON string is a TOML basic string
+        let grant = match self {
+            Grant::Jwt => "backend = \"jwt\"\naudience = \"https://internal.example\"\n".to_owned(),
+            Grant::Aws { role_arn, .. } => format!("backend = \"aws\"\nrole_arn = {}\n", s(role_arn)),
+        };
+        format!("{POLICY_HEAD}\n[[grant]]\n{grant}")
+    }
+
+    /// The `[backends.*]` section the grant needs, as docs/BACKENDS.md configures it.
+    fn config(&self) -> String {
+        let s = |v: &str| serde_json::Value::from(v).to_string();
+        match self {
+            Grant::Jwt => String::new(),
+            Grant::Aws { endpoint, .. } => format!(
+                "\n[backends.aws]\nregion = {}\nendpoint_url = {}\nrole_path = {}\n",
+                s(crate::moto::REGION),
+                s(endpoint),
+                s(crate::moto::ROLE_PATH)
+            ),
+        }
+    }
+}
 
 /// What was written into the working directory.
 #[derive(Debug)]
@@ -45,7 +83,7 @@ pub struct Files {
 
 /// Writes `latchkey.toml`, the sealing key, the admin key (kept beside, for `--keep`) and the
 /// policy into `dir`.
-pub fn write_files(dir: &Path, issuer_url: &str, store: &str) -> anyhow::Result<Files> {
+pub fn write_files(dir: &Path, issuer_url: &str, store: &str, grant: &Grant) -> anyhow::Result<Files> {
     let listen = free_port()?;
     let mut admin_raw = [0u8; 32];
     random(&mut admin_raw)?;
@@ -59,12 +97,13 @@ pub fn write_files(dir: &Path, issuer_url: &str, store: &str) -> anyhow::Result<
         &format!("{}\n", base64::engine::general_purpose::STANDARD.encode(sealing)),
     )?;
     write_private(&dir.join("admin.key"), &format!("{admin_key}\n"))?;
+    write_private(&dir.join("checkpoint.key"), &checkpoint_key_pem()?)?;
 
     let config = dir.join("latchkey.toml");
-    std::fs::write(&config, render_config(listen, issuer_url, &admin_sha256, store))
+    std::fs::write(&config, render_config(listen, issuer_url, &admin_sha256, store) + &grant.config())
         .with_context(|| format!("writing {}", config.display()))?;
     std::fs::create_dir_all(dir.join("policies"))?;
-    std::fs::write(dir.join("policies/bench.toml"), POLICY)?;
+    std::fs::write(dir.join("policies/bench.toml"), grant.policy())?;
     Ok(Files { config, log: dir.join("latchkey.log"), migrate_log: dir.join("migrate.log"), listen })
 }
 
@@ -88,6 +127,9 @@ key_file = "latchkey.key"
 [policies]
 dir = "policies"
 
+[audit]
+checkpoint_key_file = "checkpoint.key"
+
 [[issuer]]
 id = "github-actions"
 kind = "github"
@@ -106,6 +148,17 @@ sha256 = {admin_sha256}
         admin_sha256 = s(admin_sha256),
         store = s(store),
     )
+}
+
+/// An Ed25519 key (PKCS#8 PEM) for the audit chain's checkpoints, as `latchkey init` makes one:
+/// a broker without one runs, but warns at start.
+fn checkpoint_key_pem() -> anyhow::Result<String> {
+    let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+        .map_err(|_| anyhow!("cannot generate an Ed25519 key"))?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).expect("base64 is ASCII")).collect();
+    Ok(format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n")))
 }
 
 fn random(buf: &mut [u8]) -> anyhow::Result<()> {
@@ -257,6 +310,7 @@ mod tests {
             "algorithms = [\"ES256\"]",
             "max_token_age = \"10m\"",
             "role = \"admin\"",
+            "checkpoint_key_file = \"checkpoint.key\"",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
@@ -268,7 +322,8 @@ mod tests {
     fn files_are_written_with_private_secrets() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        let files = write_files(dir.path(), "http://127.0.0.1:5151", "sqlite://latchkey.db").expect("files");
+        let files =
+            write_files(dir.path(), "http://127.0.0.1:5151", "sqlite://latchkey.db", &Grant::Jwt).expect("files");
         let key = std::fs::read_to_string(dir.path().join("latchkey.key")).expect("key");
         assert!(key.ends_with('\n'));
         let raw = base64::engine::general_purpose::STANDARD.decode(key.trim_end()).expect("base64");
@@ -278,6 +333,28 @@ mod tests {
         let admin = std::fs::read_to_string(dir.path().join("admin.key")).expect("admin key");
         let config = std::fs::read_to_string(&files.config).expect("config");
         assert!(config.contains(&hex::encode(Sha256::digest(admin.trim_end().as_bytes()))));
-        assert_eq!(std::fs::read_to_string(dir.path().join("policies/bench.toml")).expect("policy"), POLICY);
+        let policy = std::fs::read_to_string(dir.path().join("policies/bench.toml")).expect("policy");
+        assert!(
+            policy.ends_with("[[grant]]\nbackend = \"jwt\"\naudience = \"https://internal.example\"\n"),
+            "{policy}"
+        );
+        assert!(!config.contains("[backends"), "the jwt backend needs no configuration");
+    }
+
+    #[test]
+    fn the_aws_grant_configures_the_backend_on_moto() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let role_arn = "arn:aws:iam::123456789012:role/latchkey/latchkey-bench-1";
+        let grant = Grant::Aws { endpoint: "http://127.0.0.1:5000", role_arn };
+        let files = write_files(dir.path(), "http://127.0.0.1:5151", "sqlite://latchkey.db", &grant).expect("files");
+        let config = std::fs::read_to_string(&files.config).expect("config");
+        assert!(
+            config.ends_with(
+                "[backends.aws]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:5000\"\nrole_path = \"/latchkey/\"\n"
+            ),
+            "{config}"
+        );
+        let policy = std::fs::read_to_string(dir.path().join("policies/bench.toml")).expect("policy");
+        assert!(policy.ends_with(&format!("[[grant]]\nbackend = \"aws\"\nrole_arn = \"{role_arn}\"\n")), "{policy}");
     }
 }

@@ -52,6 +52,9 @@ const SID_KILL: &str = "LatchkeyKill";
 /// Reading the policy back after a write and finding a statement missing (another writer raced
 /// us) retries the merge this many times.
 const MERGE_ATTEMPTS: u32 = 5;
+/// How long a kill statement read back from IAM is taken to be still there (see
+/// `AwsBackend::kill_statements`).
+const KILL_STATEMENT_FRESH: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
@@ -98,6 +101,13 @@ pub struct AwsBackend {
     role_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Roles whose revocation policy this process wrote, for the pruning pass.
     touched: Mutex<HashSet<String>>,
+    /// Kill statements (role, `Sid`) this process has read back from IAM, and when. A kill
+    /// revokes every session of a role with one statement: its other jobs on that role within
+    /// [`KILL_STATEMENT_FRESH`] are answered from here instead of queueing on the role's lock
+    /// for one IAM read each (a kill of 10,000 credentials would otherwise be paced by
+    /// thousands of reads in a row). Past that, the next job reads again, and puts the
+    /// statement back if another writer dropped it.
+    kill_statements: Mutex<HashMap<(String, String), DateTime<Utc>>>,
 }
 
 impl std::fmt::Debug for AwsBackend {
@@ -124,6 +134,7 @@ impl AwsBackend {
             clock,
             role_locks: Mutex::new(HashMap::new()),
             touched: Mutex::new(HashSet::new()),
+            kill_statements: Mutex::new(HashMap::new()),
         }
     }
 
@@ -230,11 +241,18 @@ impl AwsBackend {
     /// Denies every session on the role that the kill rule's selector names through tags.
     async fn deny_by_tags(&self, role: &str, rule: &KillRule, conditions: &Map<String, Value>) -> Result<(), AwsError> {
         let sid = kill_sid(rule);
+        let key = (role.to_owned(), sid.clone());
+        let seen = self.kill_statements.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        if seen.is_some_and(|at| self.clock.now() - at < KILL_STATEMENT_FRESH) {
+            return Ok(());
+        }
         let statement = json!({
             "Sid": sid, "Effect": "Deny", "Action": "*", "Resource": "*",
             "Condition": { "StringLike": conditions },
         });
-        self.merge(role, |doc| doc.put(statement.clone()), |doc| doc.get(&sid).is_some()).await
+        self.merge(role, |doc| doc.put(statement.clone()), |doc| doc.get(&sid).is_some()).await?;
+        self.kill_statements.lock().unwrap_or_else(|p| p.into_inner()).insert(key, self.clock.now());
+        Ok(())
     }
 
     /// Prunes expired statements of one role and bounds the statements of kill rules that no
@@ -250,6 +268,7 @@ impl AwsBackend {
             let Some(ended) = rule_end(rule, now) else { continue };
             if ended + chrono::Duration::seconds(MAX_SESSION) < now {
                 doc.remove(&sid);
+                self.kill_statements.lock().unwrap_or_else(|p| p.into_inner()).remove(&(role.to_owned(), sid));
             } else if let Some(statement) = doc.get_mut(&sid) {
                 // Sessions issued before the rule ended stay denied until they expire; new ones
                 // are let through.

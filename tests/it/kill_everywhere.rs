@@ -134,13 +134,16 @@ async fn introspect(t: &TestApp, token: &str) -> bool {
 async fn wait_contained(t: &TestApp, kill_id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
+        let asked = Instant::now();
         let k = t.get(&format!("/v1/kills/{kill_id}"), Some(SECURITY_KEY)).await;
         assert_eq!(k.status, StatusCode::OK, "{}", k.text);
         if k.body["report"]["totals"]["pending"] == 0 {
             return k.body["report"].clone();
         }
         assert!(Instant::now() < deadline, "still pending after {within:?}: {}", k.body["report"]);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A report covers every credential of the kill: with thousands, asking every 20 ms would
+        // take a core from the revocations being timed. Asking takes at most a fifth of the time.
+        tokio::time::sleep(Duration::from_millis(20).max(asked.elapsed() * 4)).await;
     }
 }
 
@@ -196,11 +199,12 @@ async fn a_killed_agent_loses_every_credential_on_every_backend_and_others_keep_
     let _ = &p.setup;
 }
 
-/// Time to contain an agent holding 1,000 live credentials spread over the four backends:
-/// from the kill call to the first refused exchange, and to the last confirmed revocation.
-/// `scripts/bench-kill.sh` runs it and prints the figures; the target is 10 s.
+/// Time to contain an agent holding `LATCHKEY_BENCH_KILL` × 5 live credentials spread over the
+/// four backends (10,000 for 2,000 exchanges): from the kill call to the first refused exchange,
+/// and to the last confirmed revocation. `scripts/bench-kill.sh` runs it and prints the figures;
+/// the target is 10 s.
 #[tokio::test]
-async fn time_to_contain_1000_credentials() {
+async fn time_to_contain() {
     let Ok(size) = std::env::var("LATCHKEY_BENCH_KILL") else {
         eprintln!("skipped: set LATCHKEY_BENCH_KILL=N (scripts/bench-kill.sh) to run the time-to-contain benchmark");
         return;
@@ -238,7 +242,9 @@ async fn time_to_contain_1000_credentials() {
     let refused = t.exchange(&t.token(json!({})), "everything").await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN);
     let first_refusal = kill_started.elapsed();
-    let report = wait_contained(&t, kill.body["id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    // Only a guard against a hang, which grows with the size: the figure is what is measured.
+    let within = Duration::from_secs(120) + Duration::from_millis(20) * u32::try_from(credentials).unwrap();
+    let report = wait_contained(&t, kill.body["id"].as_str().unwrap(), within).await;
     let contained = kill_started.elapsed();
     eprintln!(
         "bench: kill answered in {answered:?}; first refused exchange at {first_refusal:?}; \

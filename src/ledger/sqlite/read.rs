@@ -171,12 +171,16 @@ pub(super) fn kill_rules(conn: &Connection, page: &KillPage) -> Result<Vec<Store
 
 /// Every credential the rule gave a job or marked.
 pub(super) fn kill_targets(conn: &Connection, kill_id: &str) -> Result<Vec<KillTarget>, LedgerError> {
+    // Each credential's jobs are looked up by credential. Left to itself SQLite looks them up by
+    // `kill_id`, which every job of the kill shares: quadratic, a minute for a kill of 10,000
+    // credentials, on the kill call's answer and on every `GET /v1/kills/{id}`.
     query_all(
         conn,
         concat!(
             "SELECT ",
             kill_target_columns!(),
-            " FROM credentials c LEFT JOIN jobs j ON j.credential_id = c.id AND j.kill_id = ?1 \
+            " FROM credentials c LEFT JOIN jobs j INDEXED BY jobs_credential \
+             ON j.credential_id = c.id AND j.kill_id = ?1 \
              WHERE j.id IS NOT NULL OR c.revoke_requested_by = ?1 ORDER BY c.id"
         ),
         [kill_id],
