@@ -453,16 +453,6 @@ impl Tx<'_> {
             return Err(self.exchange_not_pending(exchange_id, "be activated").await?);
         }
 
-        // A row a kill marked while pending never becomes active, whatever the epoch says.
-        let marked: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM credentials WHERE exchange_id = $1 AND revoke_requested LIMIT 1")
-                .bind(exchange_id)
-                .fetch_optional(&mut *self.conn)
-                .await
-                .map_err(db_err)?;
-        if marked.is_some() {
-            return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
-        }
         if let Some(refused) = self.gate(gate, Some(exchange_id)).await? {
             return Ok(Applied::undo(Reply::Activation(refused)));
         }
@@ -506,7 +496,8 @@ impl Tx<'_> {
     }
 
     /// The checks every activation passes under the chain lock: a refusal, or `None` when the
-    /// credentials may become active (and the `jti` is then spent).
+    /// credentials may become active (and the `jti` is then spent). `exchange_id` names rows
+    /// already written pending, which a kill may have marked.
     async fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
         if read::kill_epoch(&mut *self.conn).await? != gate.seen_kill_epoch {
@@ -517,7 +508,20 @@ impl Tx<'_> {
             }
         }
 
-        // (2) The policy's max_active, judged with every other activation held off.
+        // (2) A row a kill marked while pending never becomes active, whatever the epoch says.
+        if let Some(exchange_id) = exchange_id {
+            let marked: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM credentials WHERE exchange_id = $1 AND revoke_requested LIMIT 1")
+                    .bind(exchange_id)
+                    .fetch_optional(&mut *self.conn)
+                    .await
+                    .map_err(db_err)?;
+            if marked.is_some() {
+                return Ok(Some(Activation::Killed { rule_id: None }));
+            }
+        }
+
+        // (3) The policy's max_active, judged with every other activation held off.
         if let Some(limit) = gate.max_active {
             let live =
                 read::live_count(&mut *self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)
@@ -527,7 +531,7 @@ impl Tx<'_> {
             }
         }
 
-        // (3) Single use, across replicas: the primary key makes a second spend a no-op.
+        // (4) Single use, across replicas: the primary key makes a second spend a no-op.
         if let Some((issuer, jti, capability, keep_until)) = gate.jti {
             let n = self
                 .exec(

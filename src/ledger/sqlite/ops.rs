@@ -388,17 +388,6 @@ impl Tx<'_> {
             return Err(self.exchange_not_pending(exchange_id, "be activated")?);
         }
 
-        // A kill that matched while the rows were pending marked them; whatever the epoch says,
-        // a marked row never becomes active.
-        let marked = query_opt(
-            self.conn,
-            "SELECT 1 FROM credentials WHERE exchange_id = ?1 AND revoke_requested = TRUE LIMIT 1",
-            [exchange_id],
-            |_| Ok(()),
-        )?;
-        if marked.is_some() {
-            return Ok(Applied::undo(Reply::Activation(Activation::Killed { rule_id: None })));
-        }
         if let Some(refused) = self.gate(gate, Some(exchange_id))? {
             return Ok(Applied::undo(Reply::Activation(refused)));
         }
@@ -442,7 +431,8 @@ impl Tx<'_> {
     }
 
     /// The checks every activation passes, with kill creation held off: a refusal, or `None`
-    /// when the credentials may become active (and the `jti` is then spent).
+    /// when the credentials may become active (and the `jti` is then spent). `exchange_id` names
+    /// rows already written pending, which a kill may have marked.
     fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again with
         // the rules as stored now.
@@ -454,7 +444,21 @@ impl Tx<'_> {
             }
         }
 
-        // (2) The policy's max_active, judged with every other activation held off.
+        // (2) A kill that matched while the rows were pending marked them; whatever the epoch
+        // says, a marked row never becomes active.
+        if let Some(exchange_id) = exchange_id {
+            let marked = query_opt(
+                self.conn,
+                "SELECT 1 FROM credentials WHERE exchange_id = ?1 AND revoke_requested = TRUE LIMIT 1",
+                [exchange_id],
+                |_| Ok(()),
+            )?;
+            if marked.is_some() {
+                return Ok(Some(Activation::Killed { rule_id: None }));
+            }
+        }
+
+        // (3) The policy's max_active, judged with every other activation held off.
         if let Some(limit) = gate.max_active {
             let live =
                 super::read::live_count(self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)?;
@@ -463,7 +467,7 @@ impl Tx<'_> {
             }
         }
 
-        // (3) Single use: the binding check. The primary key makes a second spend a no-op.
+        // (4) Single use: the binding check. The primary key makes a second spend a no-op.
         if let Some((issuer, jti, capability, keep_until)) = gate.jti {
             let n = exec(
                 self.conn,
