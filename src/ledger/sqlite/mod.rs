@@ -67,8 +67,6 @@ pub struct SqliteLedger {
     writer: mpsc::Sender<Command>,
     /// Joined on drop, so that the file lock is released when the ledger is gone.
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// The checkpointer: dropping the sender stops it.
-    checkpoints: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     readers: Arc<ReadPool>,
 }
 
@@ -110,27 +108,17 @@ impl SqliteLedger {
         conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
         // After a burst, the WAL file shrinks back once checkpointed instead of keeping its peak.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(db_err)?;
-        // Checkpoints run on a thread of their own ([`checkpointer`]), not inside the writer's
-        // commits: the writer is the one serial step of every exchange.
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
         if current < schema::latest() {
             schema::migrate(&mut conn, current)?;
         }
         conn.set_prepared_statement_cache_capacity(64);
 
         let head = chain_head(&conn)?;
-        let checkpoints = checkpointer(&path)?;
         let readers = ReadPool::open(path, READERS)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let thread = Writer::new(conn, head, lock).spawn(rx)?;
         tracing::info!(path = %shown, events = head.seq, "ledger.opened");
-        Ok(SqliteLedger {
-            shown,
-            writer: tx,
-            thread: Mutex::new(Some(thread)),
-            checkpoints: Mutex::new(Some(checkpoints)),
-            readers,
-        })
+        Ok(SqliteLedger { shown, writer: tx, thread: Mutex::new(Some(thread)), readers })
     }
 
     async fn write(&self, op: Op) -> Result<Reply, LedgerError> {
@@ -148,42 +136,12 @@ impl Drop for SqliteLedger {
     fn drop(&mut self) {
         // Close the queue, then wait for the writer to finish its batch and close the database,
         // so that the lock is free again once the ledger is dropped.
-        if let Some((stop, thread)) = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            drop(stop);
-            let _ = thread.join();
-        }
         let (closed, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.writer, closed));
         if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = thread.join();
         }
     }
-}
-
-/// How often the checkpointer copies the WAL back into the database.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// A thread with a connection of its own that checkpoints the WAL every [`CHECKPOINT_EVERY`].
-/// `PASSIVE` never waits for (nor holds up) the writer or a reader: it copies what it can, and
-/// the writer starts the WAL over once everything in it has been copied. Moving this work off
-/// the writer's commits keeps the serial part of an exchange short; the writer's own
-/// auto-checkpoint is off.
-fn checkpointer(path: &Path) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), LedgerError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(db_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("latchkey-ledger-checkpoint".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "ledger.checkpoint_failed");
-                }
-            }
-        })
-        .map_err(|e| LedgerError::Unavailable(format!("cannot start the ledger checkpointer: {e}")))?;
-    Ok((stop, thread))
 }
 
 /// Takes the exclusive lock of the database at `path`, a sidecar file `<path>.lock`: SQLite's own
