@@ -155,13 +155,13 @@ pub(in crate::ledger) enum FinishParams {
 
 /// What an activation is judged by, with kill creation held off (DESIGN step 7): the kill epoch
 /// the exchange's in-memory check saw, its subject, its `jti` to spend, and its `max_active`.
-pub(in crate::ledger) struct Gate<'a> {
+pub(in crate::ledger) struct Gate {
     pub(in crate::ledger) now: DateTime<Utc>,
     pub(in crate::ledger) seen_kill_epoch: i64,
-    pub(in crate::ledger) subject: &'a KillSubject,
+    pub(in crate::ledger) subject: KillSubject,
     /// `(issuer, jti, capability, keep_until)`.
-    pub(in crate::ledger) jti: Option<&'a (String, String, String, String)>,
-    pub(in crate::ledger) max_active: Option<&'a ActiveLimit>,
+    pub(in crate::ledger) jti: Option<(String, String, String, String)>,
+    pub(in crate::ledger) max_active: Option<ActiveLimit>,
 }
 
 /// An intent is a pending exchange with its pending credentials.
@@ -194,11 +194,13 @@ pub(in crate::ledger) enum Op {
         credentials: Vec<CredentialParams>,
         event: EventParams,
     },
-    /// Intent and activation in one command; `activate` is an [`Op::Activate`].
+    /// Intent and activation in one command, for grants only latchkey holds.
     IssueLocal {
         exchange: ExchangeParams,
         credentials: Vec<CredentialParams>,
-        activate: Box<Op>,
+        gate: Box<Gate>,
+        jobs: Vec<JobParams>,
+        event: EventParams,
     },
     Handle {
         credential_id: String,
@@ -208,11 +210,7 @@ pub(in crate::ledger) enum Op {
     },
     Activate {
         exchange_id: String,
-        now: DateTime<Utc>,
-        seen_kill_epoch: i64,
-        subject: KillSubject,
-        jti: Option<(String, String, String, String)>,
-        max_active: Option<ActiveLimit>,
+        gate: Box<Gate>,
         jobs: Vec<JobParams>,
         event: EventParams,
     },
@@ -315,15 +313,18 @@ impl Op {
     }
 
     pub(in crate::ledger) fn activate(a: Activate) -> Op {
-        Op::Activate {
-            exchange_id: id(a.exchange_id),
-            now: a.now,
-            seen_kill_epoch: a.seen_kill_epoch,
-            subject: a.subject,
-            jti: a.jti.map(|j| (j.issuer, j.jti, j.capability, ts(j.keep_until))),
-            max_active: a.max_active,
-            jobs: a.jobs.iter().map(JobParams::new).collect(),
-            event: EventParams::new(&a.event),
+        let (exchange_id, gate, jobs, event) = activation(a);
+        Op::Activate { exchange_id, gate, jobs, event }
+    }
+
+    pub(in crate::ledger) fn issue_local(exchange: &ExchangeRow, credentials: &[CredentialRow], a: Activate) -> Op {
+        let (_, gate, jobs, event) = activation(a);
+        Op::IssueLocal {
+            exchange: ExchangeParams::new(exchange),
+            credentials: credentials.iter().map(CredentialParams::new).collect(),
+            gate,
+            jobs,
+            event,
         }
     }
 
@@ -469,4 +470,17 @@ impl Applied {
     pub(in crate::ledger) fn undo(reply: Reply) -> Self {
         Applied { reply, keep: false }
     }
+}
+
+/// An activation's parameters as column values: the exchange id, what it is judged by, its jobs
+/// and its event.
+fn activation(a: Activate) -> (String, Box<Gate>, Vec<JobParams>, EventParams) {
+    let gate = Box::new(Gate {
+        now: a.now,
+        seen_kill_epoch: a.seen_kill_epoch,
+        subject: a.subject,
+        jti: a.jti.map(|j| (j.issuer, j.jti, j.capability, ts(j.keep_until))),
+        max_active: a.max_active,
+    });
+    (id(a.exchange_id), gate, a.jobs.iter().map(JobParams::new).collect(), EventParams::new(&a.event))
 }

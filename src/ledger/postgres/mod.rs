@@ -252,12 +252,7 @@ impl Ledger for PgLedger {
         credentials: &[CredentialRow],
         activate: Activate,
     ) -> Result<Activation, LedgerError> {
-        let op = Op::IssueLocal {
-            exchange: ExchangeParams::new(exchange),
-            credentials: credentials.iter().map(CredentialParams::new).collect(),
-            activate: Box::new(Op::activate(activate)),
-        };
-        match self.write(op).await? {
+        match self.write(Op::issue_local(exchange, credentials, activate)).await? {
             Reply::Activation(a) => Ok(a),
             other => Err(unexpected(other)),
         }

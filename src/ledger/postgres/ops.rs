@@ -61,19 +61,9 @@ impl Tx<'_> {
                 self.append(&event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::IssueLocal { exchange, credentials, activate } => match *activate {
-                Op::Activate { now, seen_kill_epoch, subject, jti, max_active, jobs, event, .. } => {
-                    let gate = Gate {
-                        now,
-                        seen_kill_epoch,
-                        subject: &subject,
-                        jti: jti.as_ref(),
-                        max_active: max_active.as_ref(),
-                    };
-                    self.issue_local(exchange, credentials, &gate, &jobs, &event).await
-                }
-                _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
-            },
+            Op::IssueLocal { exchange, credentials, gate, jobs, event } => {
+                self.issue_local(exchange, credentials, &gate, &jobs, &event).await
+            }
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 let n = self
                     .exec(
@@ -92,16 +82,7 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
-                let gate = Gate {
-                    now,
-                    seen_kill_epoch,
-                    subject: &subject,
-                    jti: jti.as_ref(),
-                    max_active: max_active.as_ref(),
-                };
-                self.activate(&exchange_id, &gate, &jobs, &event).await
-            }
+            Op::Activate { exchange_id, gate, jobs, event } => self.activate(&exchange_id, &gate, &jobs, &event).await,
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event).await
             }
@@ -439,7 +420,7 @@ impl Tx<'_> {
     async fn activate(
         &mut self,
         exchange_id: &str,
-        gate: &Gate<'_>,
+        gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -476,7 +457,7 @@ impl Tx<'_> {
         &mut self,
         exchange: ExchangeParams,
         credentials: Vec<CredentialParams>,
-        gate: &Gate<'_>,
+        gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -498,11 +479,11 @@ impl Tx<'_> {
     /// The checks every activation passes under the chain lock: a refusal, or `None` when the
     /// credentials may become active (and the `jti` is then spent). `exchange_id` names rows
     /// already written pending, which a kill may have marked.
-    async fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
+    async fn gate(&mut self, gate: &Gate, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
         if read::kill_epoch(&mut *self.conn).await? != gate.seen_kill_epoch {
             for rule in read::rules_in_force(&mut *self.conn, gate.now).await? {
-                if rule.selector.matches(gate.subject) {
+                if rule.selector.matches(&gate.subject) {
                     return Ok(Some(Activation::Killed { rule_id: Some(rule.id) }));
                 }
             }
@@ -522,7 +503,7 @@ impl Tx<'_> {
         }
 
         // (3) The policy's max_active, judged with every other activation held off.
-        if let Some(limit) = gate.max_active {
+        if let Some(limit) = &gate.max_active {
             let live =
                 read::live_count(&mut *self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)
                     .await?;
@@ -532,7 +513,7 @@ impl Tx<'_> {
         }
 
         // (4) Single use, across replicas: the primary key makes a second spend a no-op.
-        if let Some((issuer, jti, capability, keep_until)) = gate.jti {
+        if let Some((issuer, jti, capability, keep_until)) = &gate.jti {
             let n = self
                 .exec(
                     sqlx::query(

@@ -69,19 +69,9 @@ impl Tx<'_> {
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::IssueLocal { exchange, credentials, activate } => match *activate {
-                Op::Activate { now, seen_kill_epoch, subject, jti, max_active, jobs, event, .. } => {
-                    let gate = Gate {
-                        now,
-                        seen_kill_epoch,
-                        subject: &subject,
-                        jti: jti.as_ref(),
-                        max_active: max_active.as_ref(),
-                    };
-                    self.issue_local(exchange, credentials, &gate, &jobs, &event)
-                }
-                _ => Err(LedgerError::Conflict("issue_local needs an activation".into())),
-            },
+            Op::IssueLocal { exchange, credentials, gate, jobs, event } => {
+                self.issue_local(exchange, credentials, &gate, &jobs, &event)
+            }
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 // Only a pending row takes a handle: an active row's handle is what revocation
                 // relies on, and a finished row has nothing left to revoke. A row a kill marked
@@ -97,16 +87,7 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, now, seen_kill_epoch, subject, jti, max_active, jobs, event } => {
-                let gate = Gate {
-                    now,
-                    seen_kill_epoch,
-                    subject: &subject,
-                    jti: jti.as_ref(),
-                    max_active: max_active.as_ref(),
-                };
-                self.activate(&exchange_id, &gate, &jobs, &event)
-            }
+            Op::Activate { exchange_id, gate, jobs, event } => self.activate(&exchange_id, &gate, &jobs, &event),
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event)
             }
@@ -375,7 +356,7 @@ impl Tx<'_> {
     fn activate(
         &mut self,
         exchange_id: &str,
-        gate: &Gate<'_>,
+        gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -411,7 +392,7 @@ impl Tx<'_> {
         &mut self,
         exchange: ExchangeParams,
         credentials: Vec<CredentialParams>,
-        gate: &Gate<'_>,
+        gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
@@ -433,12 +414,12 @@ impl Tx<'_> {
     /// The checks every activation passes, with kill creation held off: a refusal, or `None`
     /// when the credentials may become active (and the `jti` is then spent). `exchange_id` names
     /// rows already written pending, which a kill may have marked.
-    fn gate(&mut self, gate: &Gate<'_>, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
+    fn gate(&mut self, gate: &Gate, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again with
         // the rules as stored now.
         if self.kill_epoch()? != gate.seen_kill_epoch {
             for rule in self.rules_in_force(gate.now)? {
-                if rule.selector.matches(gate.subject) {
+                if rule.selector.matches(&gate.subject) {
                     return Ok(Some(Activation::Killed { rule_id: Some(rule.id) }));
                 }
             }
@@ -459,7 +440,7 @@ impl Tx<'_> {
         }
 
         // (3) The policy's max_active, judged with every other activation held off.
-        if let Some(limit) = gate.max_active {
+        if let Some(limit) = &gate.max_active {
             let live =
                 super::read::live_count(self.conn, &limit.agent, limit.repository.as_deref(), gate.now, exchange_id)?;
             if live.exchanges >= u64::from(limit.limit) {
@@ -468,7 +449,7 @@ impl Tx<'_> {
         }
 
         // (4) Single use: the binding check. The primary key makes a second spend a no-op.
-        if let Some((issuer, jti, capability, keep_until)) = gate.jti {
+        if let Some((issuer, jti, capability, keep_until)) = &gate.jti {
             let n = exec(
                 self.conn,
                 "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES (?1, ?2, ?3, ?4) \
