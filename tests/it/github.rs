@@ -449,3 +449,17 @@ async fn a_grant_by_repository_ids_gets_those_repositories_and_narrows_by_id() {
     assert_eq!(a.status, StatusCode::FORBIDDEN, "an id outside the policy: {}", a.text);
     gh.assert_conforms();
 }
+
+#[tokio::test]
+async fn a_replayed_token_calls_no_backend() {
+    let Some(Setup { t, gh }) = setup(|b, _| b).await else { return };
+    let token = t.token(json!({}));
+    let a = t.exchange(&token, "pr-review-gh").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let calls = gh.log().len();
+    let replay = t.exchange(&token, "pr-review-gh").await;
+    assert_eq!((replay.status, replay.body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    assert_eq!(gh.log()[calls..], [] as [String; 0], "the replay reached GitHub");
+    assert_eq!(gh.live_tokens(), 1);
+    gh.assert_conforms();
+}

@@ -78,6 +78,22 @@ async fn a_capability_rate_counts_every_identity_together() {
 }
 
 #[tokio::test]
+async fn a_replayed_token_is_refused_without_charging_the_rate() {
+    let t =
+        TestApp::builder().no_background().policy("limited.toml", &limited("per_identity = \"2/hour\"")).start().await;
+    let token = t.token(on("acme/widgets"));
+    assert_eq!(t.exchange(&token, "limited").await.status, StatusCode::OK);
+    for _ in 0..3 {
+        let replay = t.exchange(&token, "limited").await;
+        assert_eq!((replay.status, replay.body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")));
+    }
+    // The replays took none of the two places: a fresh token still gets the second.
+    let second = t.exchange(&t.token(on("acme/widgets")), "limited").await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text);
+    assert_eq!(t.exchange(&t.token(on("acme/widgets")), "limited").await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn max_active_counts_live_exchanges_and_a_release_frees_a_place() {
     let t = TestApp::builder().no_background().policy("limited.toml", &limited("max_active = 2")).start().await;
     let mut held = Vec::new();
