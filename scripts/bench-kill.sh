@@ -4,7 +4,7 @@
 # kill call to the first refused exchange and to the last confirmed revocation.
 #
 #   scripts/bench-kill.sh [EXCHANGES] [JOB_CONCURRENCY]     default: 2,000 exchanges (10,000
-#                                                           credentials), 8 concurrent jobs
+#                                                           credentials), 16 concurrent jobs per backend
 #
 # The peers are the test peers, started and stopped by scripts/test.sh; the broker runs
 # in-process in the test binary (debug build, dependencies optimised), on SQLite, as in
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export LATCHKEY_BENCH_KILL=${1:-2000}
-export LATCHKEY_BENCH_JOBS=${2:-8}
+export LATCHKEY_BENCH_JOBS=${2:-16}
 
 if [[ -z ${LATCHKEY_TEST_AWS_URL:-} ]]; then
   # Run again under test.sh, with only the peers the test needs and none of its checks.

@@ -252,6 +252,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
             id: Uuid::now_v7(),
             kind: JobKind::RevokeAtTtl,
             credential_id: c.id,
+            backend: c.backend,
             kill_id: None,
             run_at: m.expires_at,
         })

@@ -436,7 +436,8 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Concurrent revocation jobs.
+    /// Concurrent revocation jobs per backend: a backend that is slow or down holds up only its
+    /// own revocations.
     #[serde(default = "default_job_concurrency")]
     pub job_concurrency: usize,
     /// Exchanges per source address (`"600/minute"`), counted by each replica in memory; none
@@ -455,7 +456,7 @@ pub struct LimitsConfig {
 }
 
 fn default_job_concurrency() -> usize {
-    8
+    16
 }
 
 fn default_backend_concurrency() -> usize {

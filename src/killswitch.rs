@@ -493,7 +493,14 @@ pub async fn revoke_credential(
     event.subject = Some(credential.subject.clone());
     event.repository = credential.repository.clone();
     event.fingerprint = credential.fingerprint.clone();
-    let job = NewJob { id: Uuid::now_v7(), kind: JobKind::Revoke, credential_id: id, kill_id: None, run_at: now };
+    let job = NewJob {
+        id: Uuid::now_v7(),
+        kind: JobKind::Revoke,
+        credential_id: id,
+        backend: credential.backend,
+        kill_id: None,
+        run_at: now,
+    };
     let done = app
         .ledger
         .request_revoke(job, event)

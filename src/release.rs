@@ -110,8 +110,14 @@ pub async fn release(app: &App, req: ReleaseRequest, request_id: &str) -> Result
     let revokes = credentials
         .iter()
         .map(|c| {
-            let job =
-                NewJob { id: Uuid::now_v7(), kind: JobKind::Revoke, credential_id: c.id, kill_id: None, run_at: now };
+            let job = NewJob {
+                id: Uuid::now_v7(),
+                kind: JobKind::Revoke,
+                credential_id: c.id,
+                backend: c.backend,
+                kill_id: None,
+                run_at: now,
+            };
             let mut e = event("credential.revoke_requested");
             e.credential_id = Some(c.id.to_string());
             e.backend = Some(c.backend.to_string());

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::kill::KillRule;
 use crate::ledger::{CredentialState, Job, JobKind, JobOutcome, KillPage, LedgerError};
 use crate::metrics::JobLabels;
-use crate::policy::PolicySet;
+use crate::policy::{BackendKind, PolicySet};
 
 /// A job that keeps failing is retried with exponential back-off up to this many times.
 const MAX_ATTEMPTS: u32 = 20;
@@ -167,51 +167,105 @@ pub async fn record_lapses(app: &App) -> Result<Vec<uuid::Uuid>, LedgerError> {
     Ok(lapsed)
 }
 
-/// Claims due jobs and runs them with bounded concurrency. Returns how many ran.
+/// Claims due jobs and runs them, at most `limits.job_concurrency` at a time per backend, so that
+/// a backend that is slow or down holds up its own revocations and not the others'. Returns how
+/// many ran.
+///
+/// Jobs are claimed as a backend's slots free up (once at least half of them are free), not
+/// batch by batch, so one slow revocation holds up only its own slot. Only jobs about to run are
+/// claimed: what waits stays in the queue for other replicas.
 pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
-    let now = app.clock.now();
-    let lease = now + chrono::Duration::from_std(JOB_LEASE).unwrap_or_default();
     let concurrency = app.config.limits.job_concurrency.max(1);
+    // A kill enqueues one job per credential; its rule is read once per pass, not per job.
+    let mut rules: HashMap<uuid::Uuid, Option<Arc<KillRule>>> = HashMap::new();
+    let mut running: JoinSet<BackendKind> = JoinSet::new();
+    let mut busy: HashMap<BackendKind, usize> = HashMap::new();
+    // When each backend's queue was last found empty.
+    let mut emptied: HashMap<BackendKind, Instant> = HashMap::new();
     let mut total = 0;
-    loop {
-        let jobs = app.ledger.claim_jobs(now, concurrency * 4, lease).await?;
-        if jobs.is_empty() {
-            break;
-        }
-        total += jobs.len();
-        // A kill enqueues one job per credential; its rule is read once per batch, not per job.
-        let mut rules: HashMap<uuid::Uuid, Option<Arc<KillRule>>> = HashMap::new();
-        for id in jobs.iter().filter_map(|j| j.kill_id) {
-            if let std::collections::hash_map::Entry::Vacant(slot) = rules.entry(id) {
-                slot.insert(app.ledger.kill_rule(id).await?.map(|k| Arc::new(k.rule)));
+    let claimed = 'pass: loop {
+        for backend in BackendKind::ALL {
+            let busy = busy.entry(backend).or_default();
+            let free = concurrency - *busy;
+            let looked = emptied.get(&backend).is_some_and(|at| at.elapsed() < LOOK_AGAIN);
+            if looked || free == 0 || (free * 2 < concurrency && *busy > 0) {
+                continue;
+            }
+            let now = app.clock.now();
+            let jobs = match claim(app, backend, free, now, &mut rules).await {
+                Ok(jobs) => jobs,
+                Err(e) => break 'pass Err(e),
+            };
+            if jobs.len() < free {
+                emptied.insert(backend, Instant::now());
+            }
+            total += jobs.len();
+            *busy += jobs.len();
+            for job in jobs {
+                let rule = job.kill_id.and_then(|id| rules.get(&id).cloned().flatten());
+                let app = app.clone();
+                running.spawn(async move {
+                    finish(&app, &job, run_job(&app, &job, rule.as_deref()).await).await;
+                    backend
+                });
             }
         }
-        let mut set = JoinSet::new();
-        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
-        for job in jobs {
-            let app = app.clone();
-            let permits = permits.clone();
-            let rule = job.kill_id.and_then(|id| rules.get(&id).cloned().flatten());
-            set.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let outcome = run_job(&app, &job, rule.as_deref()).await;
-                let label = match &outcome {
-                    JobOutcome::Done { .. } => "done",
-                    JobOutcome::Retry { .. } => "retry",
-                    JobOutcome::Failed { .. } => "failed",
-                };
-                app.metrics.jobs.get_or_create(&JobLabels { outcome: label.into() }).inc();
-                if let Err(e) = app.ledger.finish_job(&job, outcome).await {
-                    tracing::warn!(job_id = %job.id, error = %e, "could not record a job's outcome; it will run again");
-                }
-            });
+        if running.is_empty() {
+            break Ok(());
         }
-        while set.join_next().await.is_some() {}
-    }
+        // A job finished, or an empty queue is due another look (a kill may have filled it).
+        tokio::select! {
+            done = running.join_next() => {
+                if let Some(Ok(backend)) = done {
+                    busy.entry(backend).and_modify(|n| *n -= 1);
+                }
+            }
+            _ = tokio::time::sleep(LOOK_AGAIN) => {}
+        }
+    };
+    // Jobs already started finish, whatever happened to a claim (dropping them would abort
+    // revocations half-way).
+    while running.join_next().await.is_some() {}
+    claimed?;
     if let Ok(depth) = app.ledger.job_queue_depth().await {
         app.metrics.job_queue_depth.set(depth as i64);
     }
     Ok(total)
+}
+
+/// How long a backend whose queue was found empty is left alone while other jobs still run.
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
+
+/// Claims up to `limit` due jobs of `backend`'s credentials and reads the kill rules they revoke
+/// for that are not in `rules` yet.
+async fn claim(
+    app: &App,
+    backend: BackendKind,
+    limit: usize,
+    now: DateTime<Utc>,
+    rules: &mut HashMap<uuid::Uuid, Option<Arc<KillRule>>>,
+) -> Result<Vec<Job>, LedgerError> {
+    let lease = now + chrono::Duration::from_std(JOB_LEASE).unwrap_or_default();
+    let jobs = app.ledger.claim_jobs(now, backend, limit, lease).await?;
+    for id in jobs.iter().filter_map(|j| j.kill_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = rules.entry(id) {
+            slot.insert(app.ledger.kill_rule(id).await?.map(|k| Arc::new(k.rule)));
+        }
+    }
+    Ok(jobs)
+}
+
+/// Records a job's outcome, and counts it.
+async fn finish(app: &App, job: &Job, outcome: JobOutcome) {
+    let label = match &outcome {
+        JobOutcome::Done { .. } => "done",
+        JobOutcome::Retry { .. } => "retry",
+        JobOutcome::Failed { .. } => "failed",
+    };
+    app.metrics.jobs.get_or_create(&JobLabels { outcome: label.into() }).inc();
+    if let Err(e) = app.ledger.finish_job(job, outcome).await {
+        tracing::warn!(job_id = %job.id, error = %e, "could not record a job's outcome; it will run again");
+    }
 }
 
 /// Runs one job: revoke a credential (now, or at its TTL end).

@@ -112,6 +112,7 @@ pub(in crate::ledger) struct JobParams {
     pub(in crate::ledger) id: String,
     pub(in crate::ledger) kind: &'static str,
     pub(in crate::ledger) credential_id: String,
+    pub(in crate::ledger) backend: &'static str,
     pub(in crate::ledger) kill_id: Option<String>,
     pub(in crate::ledger) run_at: String,
 }
@@ -122,6 +123,7 @@ impl JobParams {
             id: id(j.id),
             kind: j.kind.as_str(),
             credential_id: id(j.credential_id),
+            backend: j.backend.as_str(),
             kill_id: j.kill_id.map(id),
             run_at: ts(j.run_at),
         }
@@ -262,6 +264,7 @@ pub(in crate::ledger) enum Op {
     EnqueueJobs(Vec<JobParams>),
     ClaimJobs {
         now: String,
+        backend: &'static str,
         limit: i64,
         lease_until: String,
     },

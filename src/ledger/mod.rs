@@ -244,6 +244,8 @@ pub struct NewJob {
     pub id: Uuid,
     pub kind: JobKind,
     pub credential_id: Uuid,
+    /// The credential's backend: each backend's jobs are a queue of their own.
+    pub backend: BackendKind,
     pub kill_id: Option<Uuid>,
     pub run_at: DateTime<Utc>,
 }
@@ -651,10 +653,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<RevokeRequest>, LedgerError>;
 
     async fn enqueue_jobs(&self, jobs: &[NewJob]) -> Result<(), LedgerError>;
-    /// Claims up to `limit` jobs due at `now`, hidden from other workers until `lease_until`.
+    /// Claims up to `limit` jobs due at `now` of `backend`'s credentials, hidden from other
+    /// workers until `lease_until`. Each backend's jobs are a queue of their own.
     async fn claim_jobs(
         &self,
         now: DateTime<Utc>,
+        backend: BackendKind,
         limit: usize,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>, LedgerError>;

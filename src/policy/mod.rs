@@ -102,6 +102,8 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    pub const ALL: [BackendKind; 4] = [BackendKind::Github, BackendKind::Aws, BackendKind::Vault, BackendKind::Jwt];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Github => "github",

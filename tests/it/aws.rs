@@ -47,8 +47,14 @@ async fn row_and_handle(t: &TestApp, c: &Value) -> (CredentialRow, Vec<u8>) {
 /// Revokes a credential the way the kill-switch and release do: a `revoke` job, run by the worker.
 async fn revoke_through_a_job(t: &TestApp, c: &Value) {
     let id: Uuid = c["id"].as_str().unwrap().parse().unwrap();
-    let job =
-        NewJob { id: Uuid::now_v7(), kind: JobKind::Revoke, credential_id: id, kill_id: None, run_at: t.clock.now() };
+    let job = NewJob {
+        id: Uuid::now_v7(),
+        kind: JobKind::Revoke,
+        credential_id: id,
+        backend: BackendKind::Aws,
+        kill_id: None,
+        run_at: t.clock.now(),
+    };
     t.app.ledger.enqueue_jobs(&[job]).await.unwrap();
     latchkey::worker::run_jobs(&t.app).await.unwrap();
 }

@@ -162,6 +162,7 @@ async fn each_job_is_claimed_by_exactly_one_replica() {
             id: Uuid::now_v7(),
             kind: JobKind::Revoke,
             credential_id: credential.id,
+            backend: credential.backend,
             kill_id: None,
             run_at: now - chrono::Duration::seconds(1),
         };
@@ -173,7 +174,7 @@ async fn each_job_is_claimed_by_exactly_one_replica() {
     let claim = |ledger: Arc<dyn Ledger>| async move {
         let mut mine = Vec::new();
         loop {
-            let jobs = ledger.claim_jobs(now, 7, lease).await.unwrap();
+            let jobs = ledger.claim_jobs(now, BackendKind::Jwt, 7, lease).await.unwrap();
             if jobs.is_empty() {
                 return mine;
             }

@@ -43,6 +43,7 @@ use super::{
 use super::{BlobCursor, RetireKey, Retired};
 use crate::audit::{AuditEvent, StoredEvent};
 use crate::kill::{KillRule, Selector};
+use crate::policy::BackendKind;
 
 /// How a replica connects to PostgreSQL (`[store]` in the configuration).
 #[derive(Debug, Clone)]
@@ -388,11 +389,13 @@ impl Ledger for PgLedger {
     async fn claim_jobs(
         &self,
         now: DateTime<Utc>,
+        backend: BackendKind,
         limit_: usize,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>, LedgerError> {
         let mut conn = self.conn().await?;
-        ops::claim_jobs(&mut conn, &ts(now), limit(limit_), &ts(lease_until)).await
+        let backend = backend.as_str();
+        ops::claim_jobs(&mut conn, &ts(now), backend, limit(limit_), &ts(lease_until)).await
     }
 
     async fn finish_job(&self, job: &Job, outcome: JobOutcome) -> Result<(), LedgerError> {

@@ -98,8 +98,8 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::ClaimJobs { now, limit, lease_until } => {
-                let jobs = claim_jobs(self.conn, &now, limit, &lease_until).await?;
+            Op::ClaimJobs { now, backend, limit, lease_until } => {
+                let jobs = claim_jobs(self.conn, &now, backend, limit, &lease_until).await?;
                 Ok(Applied::keep(Reply::Jobs(jobs)))
             }
             Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome).await,
@@ -361,13 +361,15 @@ impl Tx<'_> {
     async fn insert_job(&mut self, j: &JobParams) -> Result<(), LedgerError> {
         self.exec(
             sqlx::query(
-                "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts) VALUES ($1, $2, $3, $4, $5, 0)",
+                "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts, backend) \
+                 VALUES ($1, $2, $3, $4, $5, 0, $6)",
             )
             .bind(&j.id)
             .bind(j.kind)
             .bind(&j.credential_id)
             .bind(&j.kill_id)
-            .bind(&j.run_at),
+            .bind(&j.run_at)
+            .bind(j.backend),
         )
         .await?;
         Ok(())
@@ -657,6 +659,7 @@ impl Tx<'_> {
                             id: id(Uuid::now_v7()),
                             kind: JobKind::Revoke.as_str(),
                             credential_id: id(cid),
+                            backend: credential.backend.as_str(),
                             kill_id: Some(rule_id.clone()),
                             run_at: run_at.clone(),
                         };
@@ -951,24 +954,28 @@ impl Tx<'_> {
     }
 }
 
-/// Claims up to `limit` due jobs for this worker until `lease_until`. `SKIP LOCKED` lets workers
-/// of every replica claim at once without waiting on each other or taking the same job: a row
-/// another claim has locked is skipped, and once its lease is written it is not due any more.
+/// Claims up to `limit` due jobs of `backend`'s credentials for this worker until
+/// `lease_until`. `SKIP LOCKED` lets workers of every replica claim at once without waiting on
+/// each other or taking the same job: a row another claim has locked is skipped, and once its
+/// lease is written it is not due any more.
 pub(super) async fn claim_jobs(
     conn: &mut PgConnection,
     now: &str,
+    backend: &str,
     limit: i64,
     lease_until: &str,
 ) -> Result<Vec<crate::ledger::Job>, LedgerError> {
     let rows: Vec<PgRow> = sqlx::query(concat!(
         "UPDATE jobs SET leased_until = $3 WHERE id IN (SELECT id FROM jobs WHERE done_at IS NULL AND run_at <= $1 \
-         AND (leased_until IS NULL OR leased_until <= $1) ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         AND (leased_until IS NULL OR leased_until <= $1) \
+         AND backend = $4 ORDER BY run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
          RETURNING ",
         job_columns!()
     ))
     .bind(now)
     .bind(limit)
     .bind(lease_until)
+    .bind(backend)
     .fetch_all(conn)
     .await
     .map_err(db_err)?;

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_initial", include_str!("../../../migrations/postgres/0001_initial.sql")),
     ("0002_limits", include_str!("../../../migrations/postgres/0002_limits.sql")),
     ("0003_signing_key_retirement", include_str!("../../../migrations/postgres/0003_signing_key_retirement.sql")),
+    ("0004_jobs_by_backend", include_str!("../../../migrations/postgres/0004_jobs_by_backend.sql")),
 ];
 
 pub(super) fn latest() -> i64 {

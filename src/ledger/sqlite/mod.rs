@@ -43,6 +43,7 @@ use super::{
 use super::{BlobCursor, RetireKey, Retired};
 use crate::audit::{AuditEvent, GENESIS_HASH, StoredEvent};
 use crate::kill::{KillRule, Selector};
+use crate::policy::BackendKind;
 
 /// Read connections: reads are short, and the writer is the bottleneck, not them.
 const READERS: usize = 4;
@@ -477,10 +478,12 @@ impl Ledger for SqliteLedger {
     async fn claim_jobs(
         &self,
         now: DateTime<Utc>,
+        backend: BackendKind,
         limit_: usize,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>, LedgerError> {
-        let op = Op::ClaimJobs { now: ts(now), limit: limit(limit_), lease_until: ts(lease_until) };
+        let backend = backend.as_str();
+        let op = Op::ClaimJobs { now: ts(now), backend, limit: limit(limit_), lease_until: ts(lease_until) };
         match self.write(op).await? {
             Reply::Jobs(jobs) => Ok(jobs),
             other => Err(unexpected(other)),

@@ -39,8 +39,8 @@ const INSERT_CREDENTIAL: &str = concat!(
     ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
 );
 
-const INSERT_JOB: &str =
-    "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0)";
+const INSERT_JOB: &str = "INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts, backend) \
+     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)";
 
 const INSERT_EVENT: &str = "INSERT INTO audit_events (seq, prev_hash, hash, body) VALUES (?1, ?2, ?3, ?4)";
 
@@ -103,7 +103,7 @@ impl Tx<'_> {
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::ClaimJobs { now, limit, lease_until } => self.claim_jobs(&now, limit, &lease_until),
+            Op::ClaimJobs { now, backend, limit, lease_until } => self.claim_jobs(&now, backend, limit, &lease_until),
             Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome),
             Op::AppendEvent(event) => {
                 self.append(&event)?;
@@ -304,7 +304,7 @@ impl Tx<'_> {
     }
 
     fn insert_job(&self, j: &JobParams) -> Result<(), LedgerError> {
-        exec(self.conn, INSERT_JOB, params![j.id, j.kind, j.credential_id, j.kill_id, j.run_at])?;
+        exec(self.conn, INSERT_JOB, params![j.id, j.kind, j.credential_id, j.kill_id, j.run_at, j.backend])?;
         Ok(())
     }
 
@@ -572,6 +572,7 @@ impl Tx<'_> {
                                 id: id(Uuid::now_v7()),
                                 kind: JobKind::Revoke.as_str(),
                                 credential_id: cid_text,
+                                backend: credential.backend.as_str(),
                                 kill_id: Some(rule_id.clone()),
                                 run_at: run_at.clone(),
                             };
@@ -741,7 +742,7 @@ impl Tx<'_> {
         Ok(Applied::keep(Reply::Revokes(answers)))
     }
 
-    fn claim_jobs(&self, now: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {
+    fn claim_jobs(&self, now: &str, backend: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {
         // Claiming is a write (it sets the lease), so it runs on the writer: two workers can never
         // claim the same job while its lease stands.
         let jobs = query_all(
@@ -750,9 +751,10 @@ impl Tx<'_> {
                 "SELECT ",
                 job_columns!(),
                 " FROM jobs WHERE done_at IS NULL AND run_at <= ?1 \
-                 AND (leased_until IS NULL OR leased_until <= ?1) ORDER BY run_at, id LIMIT ?2"
+                 AND (leased_until IS NULL OR leased_until <= ?1) \
+                 AND backend = ?3 ORDER BY run_at, id LIMIT ?2"
             ),
-            params![now, limit],
+            params![now, limit, backend],
             |r| job_from_row(r),
         )?;
         for job in &jobs {

@@ -18,6 +18,7 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0003_audit", include_str!("../../../migrations/sqlite/0003_audit.sql")),
     ("0004_limits", include_str!("../../../migrations/sqlite/0004_limits.sql")),
     ("0005_signing_key_retirement", include_str!("../../../migrations/sqlite/0005_signing_key_retirement.sql")),
+    ("0006_jobs_by_backend", include_str!("../../../migrations/sqlite/0006_jobs_by_backend.sql")),
 ];
 
 pub(super) fn latest() -> i64 {

@@ -115,6 +115,7 @@ fn activation(exchange: &ExchangeRow, credentials: &[CredentialRow], seen_kill_e
                 id: Uuid::new_v4(),
                 kind: JobKind::RevokeAtTtl,
                 credential_id: c.id,
+                backend: c.backend,
                 kill_id: None,
                 run_at: c.expires_at,
             })
@@ -374,7 +375,11 @@ async fn a_kill_enqueues_one_revocation_per_active_credential() {
     assert!(effect.pending_marked.is_empty());
     assert_eq!(effect.jobs.len(), 2);
 
-    let jobs = ledger.claim_jobs(at, 100, at + Duration::minutes(1)).await.unwrap();
+    // One queue per backend: the GitHub credential's job, then the jwt one's.
+    let lease = at + Duration::minutes(1);
+    let mut jobs = ledger.claim_jobs(at, BackendKind::Github, 100, lease).await.unwrap();
+    assert_eq!(jobs.iter().map(|j| j.credential_id).collect::<Vec<_>>(), [creds[0].id]);
+    jobs.extend(ledger.claim_jobs(at, BackendKind::Jwt, 100, lease).await.unwrap());
     assert_eq!(jobs.len(), 2, "the TTL jobs are not due yet, the kill's are");
     assert!(jobs.iter().all(|j| j.kind == JobKind::Revoke && j.kill_id == Some(rule.id) && j.run_at == at));
     assert!(!ledger.credential(spared_creds[0].id).await.unwrap().unwrap().revoke_requested);
@@ -500,6 +505,7 @@ fn a_failing_command_rolls_back_alone() {
                 id: Uuid::new_v4(),
                 kind: JobKind::Revoke,
                 credential_id: Uuid::new_v4(),
+                backend: BackendKind::Jwt,
                 kill_id: None,
                 run_at: t0(),
             });
@@ -549,14 +555,15 @@ fn a_failed_commit_fails_the_whole_batch_and_keeps_the_chain() {
     assert!(answers(rxs).iter().all(Result::is_ok));
     let head = writer.head_for_tests();
 
-    // Deferred foreign keys are only checked at COMMIT: a job for an unknown credential makes the
+    // Deferred foreign keys are only checked at COMMIT: a job for an unknown kill rule makes the
     // COMMIT itself fail.
     writer.conn_for_tests().pragma_update(None, "defer_foreign_keys", true).unwrap();
     let job = NewJob {
         id: Uuid::new_v4(),
         kind: JobKind::Revoke,
-        credential_id: Uuid::new_v4(),
-        kill_id: None,
+        credential_id: creds[0].id,
+        backend: creds[0].backend,
+        kill_id: Some(Uuid::new_v4()),
         run_at: t0(),
     };
     let (mut batch, rxs): (Vec<_>, Vec<_>) =
@@ -626,6 +633,35 @@ async fn schema_versions_are_checked() {
 }
 
 #[tokio::test]
+async fn upgrading_to_per_backend_queues_keeps_every_waiting_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let (exchange, creds) = intent("github-actions", 2);
+    {
+        let ledger = open(&path, true).await.unwrap();
+        ledger.record_intent(&exchange, &creds, event("exchange.intent", t0())).await.unwrap();
+        assert_eq!(ledger.activate(activation(&exchange, &creds, 0)).await.unwrap(), Activation::Activated);
+    }
+    {
+        // Back to schema version 5, as an older latchkey left it, TTL jobs waiting.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP INDEX jobs_due; ALTER TABLE jobs DROP COLUMN backend; \
+             CREATE INDEX jobs_due ON jobs (run_at) WHERE done_at IS NULL;",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", schema::latest() - 1).unwrap();
+    }
+    let ledger = open(&path, true).await.unwrap();
+    let at = t0() + Duration::hours(1);
+    let lease = at + Duration::minutes(1);
+    let github = ledger.claim_jobs(at, BackendKind::Github, 10, lease).await.unwrap();
+    let jwt = ledger.claim_jobs(at, BackendKind::Jwt, 10, lease).await.unwrap();
+    assert_eq!(github.iter().map(|j| j.credential_id).collect::<Vec<_>>(), [creds[0].id]);
+    assert_eq!(jwt.iter().map(|j| j.credential_id).collect::<Vec<_>>(), [creds[1].id]);
+}
+
+#[tokio::test]
 async fn jobs_are_claimed_leased_retried_and_finished() {
     let (_dir, ledger) = fresh().await;
     let (exchange, creds) = intent("github-actions", 2);
@@ -634,20 +670,35 @@ async fn jobs_are_claimed_leased_retried_and_finished() {
     act.jobs.clear();
     assert_eq!(ledger.activate(act).await.unwrap(), Activation::Activated);
 
-    let due =
-        NewJob { id: Uuid::new_v4(), kind: JobKind::Revoke, credential_id: creds[0].id, kill_id: None, run_at: t0() };
-    let later =
-        NewJob { id: Uuid::new_v4(), credential_id: creds[1].id, run_at: t0() + Duration::hours(1), ..due.clone() };
+    let due = NewJob {
+        id: Uuid::new_v4(),
+        kind: JobKind::Revoke,
+        credential_id: creds[0].id,
+        backend: creds[0].backend,
+        kill_id: None,
+        run_at: t0(),
+    };
+    let later = NewJob {
+        id: Uuid::new_v4(),
+        credential_id: creds[1].id,
+        backend: creds[1].backend,
+        run_at: t0() + Duration::hours(1),
+        ..due.clone()
+    };
     ledger.enqueue_jobs(&[due.clone(), later.clone()]).await.unwrap();
     assert_eq!(ledger.job_queue_depth().await.unwrap(), 2);
 
     let now = t0() + Duration::seconds(1);
     let lease = now + Duration::seconds(30);
-    let claimed = ledger.claim_jobs(now, 10, lease).await.unwrap();
+    let claimed = ledger.claim_jobs(now, BackendKind::Github, 10, lease).await.unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [due.id]);
-    assert!(ledger.claim_jobs(now, 10, lease).await.unwrap().is_empty(), "claimed");
-    assert!(ledger.claim_jobs(lease - Duration::milliseconds(1), 10, lease).await.unwrap().is_empty(), "leased");
-    let reclaimed = ledger.claim_jobs(lease, 10, lease + Duration::seconds(30)).await.unwrap();
+    assert!(ledger.claim_jobs(now, BackendKind::Jwt, 10, lease).await.unwrap().is_empty(), "another backend's queue");
+    assert!(ledger.claim_jobs(now, BackendKind::Github, 10, lease).await.unwrap().is_empty(), "claimed");
+    assert!(
+        ledger.claim_jobs(lease - Duration::milliseconds(1), BackendKind::Github, 10, lease).await.unwrap().is_empty(),
+        "leased"
+    );
+    let reclaimed = ledger.claim_jobs(lease, BackendKind::Github, 10, lease + Duration::seconds(30)).await.unwrap();
     assert_eq!(reclaimed.len(), 1, "a lapsed lease frees the job for another worker");
 
     let retry_at = lease + Duration::minutes(1);
@@ -655,8 +706,10 @@ async fn jobs_are_claimed_leased_retried_and_finished() {
         .finish_job(&reclaimed[0], JobOutcome::Retry { run_at: retry_at, error: "github: 502".into() })
         .await
         .unwrap();
-    assert!(ledger.claim_jobs(retry_at - Duration::seconds(1), 10, retry_at).await.unwrap().is_empty());
-    let retried = ledger.claim_jobs(retry_at, 10, retry_at + Duration::seconds(30)).await.unwrap();
+    assert!(
+        ledger.claim_jobs(retry_at - Duration::seconds(1), BackendKind::Github, 10, retry_at).await.unwrap().is_empty()
+    );
+    let retried = ledger.claim_jobs(retry_at, BackendKind::Github, 10, retry_at + Duration::seconds(30)).await.unwrap();
     assert_eq!(retried.len(), 1);
     assert_eq!((retried[0].attempts, retried[0].last_error.as_deref()), (1, Some("github: 502")));
 
@@ -677,9 +730,19 @@ async fn jobs_are_claimed_leased_retried_and_finished() {
             .await,
         Err(LedgerError::Conflict(_))
     ));
-    assert!(ledger.claim_jobs(done_at + Duration::days(1), 10, done_at + Duration::days(2)).await.unwrap().len() == 1);
+    assert!(
+        ledger
+            .claim_jobs(done_at + Duration::days(1), BackendKind::Jwt, 10, done_at + Duration::days(2))
+            .await
+            .unwrap()
+            .len()
+            == 1
+    );
 
-    let failed = ledger.claim_jobs(done_at + Duration::days(3), 10, done_at + Duration::days(4)).await.unwrap();
+    let failed = ledger
+        .claim_jobs(done_at + Duration::days(3), BackendKind::Jwt, 10, done_at + Duration::days(4))
+        .await
+        .unwrap();
     let failed_at = done_at + Duration::days(3);
     ledger
         .finish_job(&failed[0], JobOutcome::Failed { error: "gave up".into(), event: event("job.failed", failed_at) })
@@ -782,6 +845,7 @@ async fn a_release_revokes_active_and_marks_pending_once_then_writes_nothing() {
                     id: Uuid::now_v7(),
                     kind: JobKind::Revoke,
                     credential_id: c.id,
+                    backend: c.backend,
                     kill_id: None,
                     run_at: t0(),
                 };

@@ -411,6 +411,10 @@ impl VaultPeer {
         .await;
         let ca = json!({"common_name": "latchkey.test", "ttl": "24h", "key_type": "ec"});
         self.root("POST", &format!("{}/root/generate/internal", s.pki), Some(ca)).await;
+        // As docs/BACKENDS.md advises for mounts whose leases latchkey revokes: without it every
+        // revocation rebuilds the whole CRL, one at a time, slower as the CRL grows.
+        let crl = json!({"auto_rebuild": true, "enable_delta": true});
+        self.root("POST", &format!("{}/config/crl", s.pki), Some(crl)).await;
         let leaf = |lease: bool| json!({"allow_any_name": true, "generate_lease": lease, "ttl": "1h", "max_ttl": "4h", "key_type": "ec"});
         self.root("POST", &format!("{}/roles/leased", s.pki), Some(leaf(true))).await;
         self.root("POST", &format!("{}/roles/unleased", s.pki), Some(leaf(false))).await;
