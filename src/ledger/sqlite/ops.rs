@@ -744,7 +744,8 @@ impl Tx<'_> {
 
     fn claim_jobs(&self, now: &str, backend: &str, limit: i64, lease_until: &str) -> Result<Applied, LedgerError> {
         // Claiming is a write (it sets the lease), so it runs on the writer: two workers can never
-        // claim the same job while its lease stands.
+        // claim the same job while its lease stands. Ties of `run_at` come in index order, which
+        // is the order they were enqueued (rowid): `jobs_due` reads them without a sort.
         let jobs = query_all(
             self.conn,
             concat!(
@@ -752,7 +753,7 @@ impl Tx<'_> {
                 job_columns!(),
                 " FROM jobs WHERE done_at IS NULL AND run_at <= ?1 \
                  AND (leased_until IS NULL OR leased_until <= ?1) \
-                 AND backend = ?3 ORDER BY run_at, id LIMIT ?2"
+                 AND backend = ?3 ORDER BY run_at LIMIT ?2"
             ),
             params![now, limit, backend],
             |r| job_from_row(r),
