@@ -21,7 +21,7 @@ use crate::app::App;
 use crate::audit::{AuditEvent, format_time};
 use crate::kill::{KillRule, Selector};
 use crate::ledger::{
-    CredentialState, JobKind, KillPage, KillTarget, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKill,
+    CredentialState, KillPage, KillTarget, LedgerError, LiveCredential, NewJob, RevokeRequest, StoredKill,
 };
 
 /// Reasons longer than this are refused: a reason is a sentence for the audit trail.
@@ -493,14 +493,7 @@ pub async fn revoke_credential(
     event.subject = Some(credential.subject.clone());
     event.repository = credential.repository.clone();
     event.fingerprint = credential.fingerprint.clone();
-    let job = NewJob {
-        id: Uuid::now_v7(),
-        kind: JobKind::Revoke,
-        credential_id: id,
-        backend: credential.backend,
-        kill_id: None,
-        run_at: now,
-    };
+    let job = NewJob::revoke(&credential, now);
     let done = app
         .ledger
         .request_revoke(job, event)

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::audit::AuditEvent;
-use crate::ledger::{CredentialState, JobKind, NewJob, RevokeRequest};
+use crate::ledger::{CredentialState, NewJob, RevokeRequest};
 use crate::policy::BackendKind;
 
 /// The longest release token accepted: issued ones are 43 characters (32 bytes, base64url).
@@ -110,14 +110,7 @@ pub async fn release(app: &App, req: ReleaseRequest, request_id: &str) -> Result
     let revokes = credentials
         .iter()
         .map(|c| {
-            let job = NewJob {
-                id: Uuid::now_v7(),
-                kind: JobKind::Revoke,
-                credential_id: c.id,
-                backend: c.backend,
-                kill_id: None,
-                run_at: now,
-            };
+            let job = NewJob::revoke(c, now);
             let mut e = event("credential.revoke_requested");
             e.credential_id = Some(c.id.to_string());
             e.backend = Some(c.backend.to_string());

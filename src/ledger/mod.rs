@@ -250,6 +250,20 @@ pub struct NewJob {
     pub run_at: DateTime<Utc>,
 }
 
+impl NewJob {
+    /// A revocation of `credential` due at `run_at`, on its backend's queue.
+    pub fn revoke(credential: &CredentialRow, run_at: DateTime<Utc>) -> NewJob {
+        NewJob {
+            id: Uuid::now_v7(),
+            kind: JobKind::Revoke,
+            credential_id: credential.id,
+            backend: credential.backend,
+            kill_id: None,
+            run_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: Uuid,

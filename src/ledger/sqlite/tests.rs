@@ -840,17 +840,7 @@ async fn a_release_revokes_active_and_marks_pending_once_then_writes_nothing() {
     let release = |creds: &[CredentialRow]| {
         let revokes = creds
             .iter()
-            .map(|c| {
-                let job = NewJob {
-                    id: Uuid::now_v7(),
-                    kind: JobKind::Revoke,
-                    credential_id: c.id,
-                    backend: c.backend,
-                    kill_id: None,
-                    run_at: t0(),
-                };
-                (job, event("credential.revoke_requested", t0()))
-            })
+            .map(|c| (NewJob::revoke(c, t0()), event("credential.revoke_requested", t0())))
             .collect::<Vec<_>>();
         (revokes, event("exchange.released", t0()))
     };
