@@ -137,7 +137,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // Step 3: kill rules, checked in memory. They name agents, so this follows the policy
     // lookup that assigns the agent; either way a killed identity is refused before any mint.
     // Rules that cannot be confirmed fresh fail the exchange closed.
-    let kills = fresh_kills(app).await?;
+    let kills = fresh_kills(app).await.map_err(|e| failed_early(app, &req.capability, e))?;
     let subject = kill_subject(&claims, &agent, &req.capability);
     if let Some(rule) = kills.state.rules.iter().find(|r| r.in_force(now) && r.selector.matches(&subject)) {
         let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
@@ -149,7 +149,11 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // the whole check and this read is saved.
     let local = grants.iter().all(|g| app.backends.get(&g.spec.backend()).is_some_and(|b| b.is_local()));
     if let Some(jti) = spent_jti.as_ref().filter(|_| !local || limits.charges_rate()) {
-        let spent = app.ledger.jti_spent(&jti.issuer, &jti.jti, &jti.capability).await.map_err(|e| unavailable(&e))?;
+        let spent = app
+            .ledger
+            .jti_spent(&jti.issuer, &jti.jti, &jti.capability)
+            .await
+            .map_err(|e| failed_early(app, &req.capability, unavailable(&e)))?;
         if spent {
             let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
             return Err(refuse(app, row, err, "replayed jti".into()).await);
@@ -159,7 +163,8 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // The policy's limits, after the kill check (a killed identity hears 403, not "wait"). Rates
     // are counted in the store, so across replicas; `max_active` is checked again, binding, at
     // activation.
-    if let Some((err, reason, limit)) = over_limit(app, &req.capability, &subject, &limits, now).await? {
+    let over = over_limit(app, &req.capability, &subject, &limits, now).await;
+    if let Some((err, reason, limit)) = over.map_err(|e| failed_early(app, &req.capability, e))? {
         let labels = LimitLabels { capability: req.capability.clone(), limit: limit.to_owned() };
         app.metrics.limits_hit.get_or_create(&labels).inc();
         return Err(refuse(app, row, err, reason).await);
@@ -180,7 +185,8 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     row.expires_at = Some(expires_at);
     if !local {
         let event = exchange_event("exchange.started", &row, now);
-        app.ledger.record_intent(&row, &pending, event).await.map_err(|e| unavailable(&e))?;
+        let recorded = app.ledger.record_intent(&row, &pending, event).await;
+        recorded.map_err(|e| failed_early(app, &req.capability, unavailable(&e)))?;
     }
 
     // Step 6: mint each grant in policy order (aws last); record each handle as it arrives.
@@ -358,6 +364,14 @@ async fn refuse(app: &App, mut row: ExchangeRow, err: ExchangeError, reason: Str
         // The caller is refused either way; a refusal that could not be recorded is loud.
         tracing::error!(request_id = %row.request_id, error = %e, "could not record a refused exchange");
     }
+    err
+}
+
+/// A failure before anything of the exchange could be recorded (the store or the kill rules
+/// cannot be read or written): nothing reaches the ledger, which is what failed, so the metric
+/// and the error log are its record.
+fn failed_early(app: &App, capability: &str, err: ExchangeError) -> ExchangeError {
+    app.metrics.exchanges.get_or_create(&labels(capability, "failed")).inc();
     err
 }
 

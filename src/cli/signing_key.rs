@@ -25,6 +25,9 @@ enum Command {
     /// that signs at once (its tokens fail at verifiers until their cached JWKS is renewed,
     /// 5 minutes at most).
     Retire {
+        /// The key id, as `latchkey signing-key` lists it. A thumbprint may begin with `-`; it is
+        /// taken as the id all the same.
+        #[arg(allow_hyphen_values = true)]
         kid: String,
         /// Why: recorded in the audit trail, with every credential the retirement revokes.
         #[arg(long)]

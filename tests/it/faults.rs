@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::peers::{OidcPeer, Outage};
-use crate::support::replicas::{Fleet, Seen, assert_acknowledged_are_recorded, collect, load};
+use crate::support::replicas::{Fleet, RATED, Seen, assert_acknowledged_are_recorded, collect, load};
 use crate::support::store::sqlite_only;
 use crate::support::test_app::{AUDIENCE, TestApp};
 
@@ -97,6 +97,9 @@ async fn a_full_sqlite_disk_fails_exchanges_closed_and_the_broker_recovers_witho
 
     // While the disk is full: what a client and an operator see.
     let refused = fleet.exchange_pr(0).await;
+    // A rated capability writes its bucket first: that write fails before anything of the
+    // exchange is on record, and is refused and counted all the same.
+    let rated = fleet.exchange(0, &fleet.pr_token(), RATED).await;
     let (ready, readyz) = fleet.readyz(0).await;
     let metrics = fleet.get(0, "/metrics", "").await.text;
     // An exchange answered before the limit starts to lift met a full disk; one sent after it
@@ -116,6 +119,10 @@ async fn a_full_sqlite_disk_fails_exchanges_closed_and_the_broker_recovers_witho
     assert_eq!(ready, StatusCode::OK, "{readyz}");
     let failed = metric(&metrics, r#"latchkey_exchanges_total{capability="pr-review",decision="failed"}"#);
     assert!(failed > 0.0, "the refusals are not counted as failed exchanges:\n{metrics}");
+    assert_eq!(rated.status, StatusCode::SERVICE_UNAVAILABLE, "with the disk full: {}", rated.text);
+    assert_eq!(rated.body["error"], "temporarily_unavailable", "{}", rated.text);
+    let failed = metric(&metrics, &format!(r#"latchkey_exchanges_total{{capability="{RATED}",decision="failed"}}"#));
+    assert_eq!(failed, 1.0, "the refused exchange of {RATED} is not counted as failed:\n{metrics}");
 
     // Each exchange was issued with its record, or refused without a token; nothing else.
     for s in &seen {

@@ -638,6 +638,9 @@ async fn the_cli_retires_a_signing_key_and_refuses_an_unknown_one_or_a_low_role(
     assert!(!ok && out.contains("admin"), "{out}");
     let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", "no-such-kid", "--reason", "leak"]).await;
     assert!(!ok && out.contains("404") && out.contains("no signing key"), "{out}");
+    // A base64url thumbprint may begin with `-`: it is still the key id, never an option.
+    let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", "-nQ2x_no-such-kid", "--reason", "leak"]).await;
+    assert!(!ok && out.contains("404") && out.contains("no signing key"), "{out}");
     let (ok, out) = cli(&t, Some(ADMIN_KEY), &["signing-key", "retire", "../rotate", "--reason", "leak"]).await;
     assert!(!ok && out.contains("not a signing key id"), "{out}");
     assert_eq!(jwks_kids(&t).await, [kid.as_str()], "nothing changed");

@@ -44,6 +44,9 @@ pub fn pr_claims() -> Value {
     json!({ "event_name": "pull_request", "ref": "refs/pull/7/merge" })
 }
 
+/// A capability of every fleet: `pr-review` under a per-identity rate (never reached).
+pub const RATED: &str = "pr-review-rated";
+
 /// One `latchkey serve` process.
 pub struct Replica {
     pub name: String,
@@ -201,6 +204,11 @@ impl Fleet {
                 std::fs::copy(entry.path(), policies.join(entry.file_name())).unwrap();
             }
         }
+        // `pr-review` with a rate no test reaches: an exchange of it writes its bucket before
+        // anything else of the exchange is written.
+        let pr_review = std::fs::read_to_string(repo_path("policies/pr-review.toml")).unwrap();
+        let rated = format!("{pr_review}\n[limits]\nper_identity = \"1000000/hour\"\n");
+        std::fs::write(policies.join(format!("{RATED}.toml")), rated).unwrap();
         // One sealing key for every replica, as a Kubernetes secret would give them.
         latchkey::seal::generate_key_file(&dir.path().join("latchkey.key")).unwrap();
         let config = dir.path().join("latchkey.toml");
