@@ -1,9 +1,10 @@
 //! What each write command ([`Op`]) does inside the SQLite writer's transaction.
 //!
-//! Each command runs inside its own savepoint; it answers
-//! [`Applied::keep`] when its changes must stay and [`Applied::undo`] when the answer itself
-//! means "nothing changed" (a killed or replayed activation), and the writer rolls the savepoint
-//! back in that case and on any error.
+//! A command answers [`Applied::keep`] when its changes must stay and [`Applied::undo`] when the
+//! answer itself means "nothing changed" (a killed or replayed activation); the writer takes its
+//! changes back in that case and on any error (see `writer.rs`). A command may run twice: once
+//! in a batch that was rolled back whole, then again; it never keeps state outside the
+//! transaction.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
@@ -51,7 +52,7 @@ pub(super) struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    pub(super) fn apply(&mut self, op: Op) -> Result<Applied, LedgerError> {
+    pub(super) fn apply(&mut self, op: &Op) -> Result<Applied, LedgerError> {
         match op {
             Op::Refusal { exchange, event } => {
                 if matches!(exchange.state, ExchangeState::Pending | ExchangeState::Allowed) {
@@ -60,8 +61,8 @@ impl Tx<'_> {
                         exchange.state.as_str()
                     )));
                 }
-                self.insert_exchange(&exchange)?;
-                self.append(&event)?;
+                self.insert_exchange(exchange, exchange.state)?;
+                self.append(event)?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Intent { exchange, credentials, event } => {
@@ -70,7 +71,7 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::IssueLocal { exchange, credentials, gate, jobs, event } => {
-                self.issue_local(exchange, credentials, &gate, &jobs, &event)
+                self.issue_local(exchange, credentials, gate, jobs, event)
             }
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 // Only a pending row takes a handle: an active row's handle is what revocation
@@ -89,21 +90,21 @@ impl Tx<'_> {
             }
             Op::Activate { exchange_id, gate, jobs, event } => self.activate(&exchange_id, &gate, &jobs, &event),
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
-                self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event)
+                self.abort(exchange_id, *state, error, reason, unrevoked, event)
             }
-            Op::Transition { id, from, to, event } => self.transition(&id, &from, to, &event),
+            Op::Transition { id, from, to, event } => self.transition(id, from, *to, event),
             Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event),
-            Op::RecordLapses { now, actor } => self.record_lapses(now, &actor),
+            Op::RecordLapses { now, actor } => self.record_lapses(*now, actor),
             Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event),
             Op::RequestRevoke { job, event } => self.request_revoke(&job, &event),
             Op::Release { revokes, event } => self.release(&revokes, &event),
             Op::EnqueueJobs(jobs) => {
-                for job in &jobs {
+                for job in jobs {
                     self.insert_job(job)?;
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::ClaimJobs { now, backend, limit, lease_until } => self.claim_jobs(&now, backend, limit, &lease_until),
+            Op::ClaimJobs { now, backend, limit, lease_until } => self.claim_jobs(now, backend, *limit, lease_until),
             Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome),
             Op::AppendEvent(event) => {
                 self.append(&event)?;
@@ -114,14 +115,9 @@ impl Tx<'_> {
                 self.append(&event)?;
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => self.retire_signing_key(
-                &kid,
-                &at,
-                replacement.as_deref(),
-                &signed_from,
-                signed_until.as_deref(),
-                *event,
-            ),
+            Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => {
+                self.retire_signing_key(&kid, &at, replacement.as_deref(), &signed_from, signed_until.as_deref(), event)
+            }
             Op::RecordCheckpoint { checkpoint: c, event } => {
                 // Under the writer, nothing can move the row between this check and the insert.
                 let on_chain = query_opt(self.conn, "SELECT hash FROM audit_events WHERE seq = ?1", [c.seq], |r| {
@@ -157,7 +153,7 @@ impl Tx<'_> {
                 let tat = query_opt(self.conn, "SELECT tat FROM rate_limits WHERE key = ?1", [&key], |r| {
                     codec::Cols::new(r, "rate_limits").time(0, "tat")
                 })?;
-                match gcra(tat, now, interval, tolerance) {
+                match gcra(tat, *now, *interval, *tolerance) {
                     Ok(next) => {
                         exec(
                             self.conn,
@@ -170,7 +166,7 @@ impl Tx<'_> {
                     Err(wait) => Ok(Applied::keep(Reply::Wait(Some(wait)))),
                 }
             }
-            Op::Reseal { reseals, key_id, now } => self.reseal(&reseals, &key_id, now),
+            Op::Reseal { reseals, key_id, now } => self.reseal(reseals, key_id, *now),
         }
     }
 
@@ -185,7 +181,7 @@ impl Tx<'_> {
     }
 
     /// A leaked signing key, retired: the key, its replacement, and the live `jwt` credentials it
-    /// signed, all in this one savepoint, so that no reader ever sees the key gone while its
+    /// signed, all in this one command, so that no reader ever sees the key gone while its
     /// credentials still look live, or the key gone with nothing left to sign.
     fn retire_signing_key(
         &mut self,
@@ -194,7 +190,7 @@ impl Tx<'_> {
         replacement: Option<&KeyParams>,
         signed_from: &str,
         signed_until: Option<&str>,
-        event: AuditEvent,
+        event: &AuditEvent,
     ) -> Result<Applied, LedgerError> {
         let n = exec(
             self.conn,
@@ -238,9 +234,9 @@ impl Tx<'_> {
                 )?;
                 retired.revoked.push(c.id);
             }
-            self.append(&retired_credential_event(&event, kid, c))?;
+            self.append(&retired_credential_event(event, kid, c))?;
         }
-        self.append(&key_retired_event(event, &retired))?;
+        self.append(&key_retired_event(event.clone(), &retired))?;
         Ok(Applied::keep(Reply::Retired(retired)))
     }
 
@@ -266,8 +262,8 @@ impl Tx<'_> {
         Ok(Applied::keep(Reply::Resealed(count)))
     }
 
-    /// Appends one event to the chain. The caller's savepoint makes the row and the in-memory
-    /// head move together: the writer restores the head whenever it rolls a savepoint back.
+    /// Appends one event to the chain. The in-memory head moves with the row: the writer puts
+    /// the head back whenever it takes a command's changes back.
     fn append(&mut self, event: &EventParams) -> Result<(), LedgerError> {
         let seq = self.head.seq + 1;
         let hash = chain_hash(&self.head.hash, event.body.as_bytes());
@@ -276,7 +272,8 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn insert_exchange(&self, e: &ExchangeParams) -> Result<(), LedgerError> {
+    /// Inserts `e` in `state` (an exchange may be written in a later state than it was built in).
+    fn insert_exchange(&self, e: &ExchangeParams, state: ExchangeState) -> Result<(), LedgerError> {
         exec(
             self.conn,
             INSERT_EXCHANGE,
@@ -284,7 +281,7 @@ impl Tx<'_> {
                 e.id,
                 e.request_id,
                 e.created_at,
-                e.state.as_str(),
+                state.as_str(),
                 e.error,
                 e.reason,
                 e.issuer,
@@ -316,14 +313,15 @@ impl Tx<'_> {
         // Intent is recorded before any backend is called: everything starts pending, so that a
         // crash leaves rows the reconciler recognizes.
         check_intent(exchange, credentials)?;
-        self.insert_exchange(exchange)?;
+        self.insert_exchange(exchange, exchange.state)?;
         for c in credentials {
-            self.insert_credential(c)?;
+            self.insert_credential(c, c.state)?;
         }
         Ok(())
     }
 
-    fn insert_credential(&self, c: &CredentialParams) -> Result<(), LedgerError> {
+    /// Inserts `c` in `state`.
+    fn insert_credential(&self, c: &CredentialParams, state: CredentialState) -> Result<(), LedgerError> {
         exec(
             self.conn,
             INSERT_CREDENTIAL,
@@ -332,7 +330,7 @@ impl Tx<'_> {
                 c.exchange_id,
                 c.name,
                 c.backend,
-                c.state.as_str(),
+                state.as_str(),
                 c.agent,
                 c.capability,
                 c.issuer,
@@ -390,19 +388,19 @@ impl Tx<'_> {
     /// No kill can have marked rows that did not exist, so the gate is the whole check.
     fn issue_local(
         &mut self,
-        exchange: ExchangeParams,
-        credentials: Vec<CredentialParams>,
+        exchange: &ExchangeParams,
+        credentials: &[CredentialParams],
         gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
-        check_intent(&exchange, &credentials)?;
+        check_intent(exchange, credentials)?;
         if let Some(refused) = self.gate(gate, None)? {
             return Ok(Applied::undo(Reply::Activation(refused)));
         }
-        self.insert_exchange(&ExchangeParams { state: ExchangeState::Allowed, ..exchange })?;
+        self.insert_exchange(exchange, ExchangeState::Allowed)?;
         for c in credentials {
-            self.insert_credential(&CredentialParams { state: CredentialState::Active, ..c })?;
+            self.insert_credential(c, CredentialState::Active)?;
         }
         for job in jobs {
             self.insert_job(job)?;

@@ -536,6 +536,50 @@ fn a_failing_command_rolls_back_alone() {
 }
 
 #[test]
+fn an_activation_undone_after_its_first_write_leaves_the_rest_of_its_batch_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = bare_writer(&dir);
+    let (first, first_creds) = intent("github-actions", 1);
+    let (second, second_creds) = intent("github-actions", 1);
+    let intent_of = |exchange: &ExchangeRow, creds: &[CredentialRow]| Op::Intent {
+        exchange: ExchangeParams::new(exchange),
+        credentials: creds.iter().map(CredentialParams::new).collect(),
+        event: EventParams::new(&event("exchange.intent", t0())),
+    };
+    // The second activation spends the `jti` the first one spent: it is refused only after it
+    // has already moved its exchange to `allowed`, so its undo must take that write back.
+    let mut replayed = activation(&second, &second_creds, 0);
+    replayed.jti = activation(&first, &first_creds, 0).jti;
+    let ops = vec![
+        intent_of(&first, &first_creds),
+        intent_of(&second, &second_creds),
+        Op::activate(activation(&first, &first_creds, 0)),
+        Op::activate(replayed),
+        append("after"),
+    ];
+    let (mut batch, rxs): (Vec<_>, Vec<_>) = ops.into_iter().map(command).unzip();
+    writer.run_batch(&mut batch, &mut Vec::new());
+    let got = answers(rxs);
+    assert!(matches!(got[2], Ok(Reply::Activation(Activation::Activated))), "{:?}", got[2]);
+    assert!(matches!(got[3], Ok(Reply::Activation(Activation::Replay))), "{:?}", got[3]);
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+
+    let conn = raw(&dir);
+    let state = |id: Uuid| {
+        conn.query_row("SELECT state FROM exchanges WHERE id = ?1", [id.to_string()], |r| r.get::<_, String>(0))
+            .unwrap()
+    };
+    assert_eq!((state(first.id), state(second.id)), ("allowed".to_owned(), "pending".to_owned()));
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM spent_jti"), 1);
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM jobs"), 1, "only the first activation's job");
+    let events = read::events(&conn, 0, 100).unwrap();
+    let names: Vec<String> = events.iter().map(|e| e.event().unwrap().event).collect();
+    assert_eq!(names, ["exchange.intent", "exchange.intent", "exchange.allowed", "after"]);
+    verify_chain(GENESIS_HASH, 1, &events).unwrap();
+    assert_eq!(writer.head_for_tests().seq, 4, "the chain head counts only what was committed");
+}
+
+#[test]
 fn a_failed_commit_fails_the_whole_batch_and_keeps_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let mut writer = bare_writer(&dir);

@@ -2,9 +2,14 @@
 //!
 //! Callers send [`Command`]s over a bounded channel. The writer takes every command already
 //! queued (up to [`MAX_BATCH`]) and runs them in ONE `BEGIN IMMEDIATE … COMMIT`, so one fsync
-//! makes a whole batch durable. Each command runs in its own savepoint: a command that fails (or
-//! answers "nothing changed", like a killed activation) rolls back alone and the rest of the
-//! batch commits.
+//! makes a whole batch durable. A command that fails (or answers "nothing changed", like a
+//! killed activation) rolls back alone and the rest of the batch commits.
+//!
+//! The batch first runs as it nearly always ends: every command keeping its changes, with no
+//! savepoint between them (a savepoint copies each page a command touches into the statement
+//! journal, which cost a fifth of the writer's time). If a command fails or undoes itself, that
+//! transaction is rolled back whole, nothing of it answered, and the batch runs again with each
+//! command in its own savepoint, so that one command can roll back alone.
 //!
 //! Invariants:
 //! * a reply leaves only after the COMMIT that made it durable succeeded; if COMMIT fails, every
@@ -101,6 +106,55 @@ impl Writer {
         batch: &mut Vec<Command>,
         answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
     ) {
+        if !self.run_unguarded(batch) {
+            self.run_guarded(batch, answers);
+        }
+    }
+
+    /// Runs the batch in one transaction without savepoints, and answers it. Returns false,
+    /// with nothing changed and no command answered, as soon as a command fails or undoes
+    /// itself (or the transaction cannot begin): the batch must then run guarded.
+    fn run_unguarded(&mut self, batch: &mut Vec<Command>) -> bool {
+        let start = self.head;
+        if self.control("BEGIN IMMEDIATE").is_err() {
+            return false;
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        for cmd in batch.iter() {
+            let mut tx = Tx { conn: &self.conn, head: &mut self.head };
+            match catch_unwind(AssertUnwindSafe(|| tx.apply(&cmd.op))) {
+                Ok(Ok(applied)) if applied.keep => replies.push(applied.reply),
+                _ => {
+                    if !self.conn.is_autocommit() {
+                        let _ = self.control("ROLLBACK");
+                    }
+                    self.head = start;
+                    return false;
+                }
+            }
+        }
+        match self.control("COMMIT") {
+            Ok(()) => {
+                for (cmd, reply) in batch.drain(..).zip(replies) {
+                    let _ = cmd.reply.send(Ok(reply));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, commands = batch.len(), "ledger.commit_failed");
+                if !self.conn.is_autocommit() {
+                    let _ = self.control("ROLLBACK");
+                }
+                self.head = start;
+                for cmd in batch.drain(..) {
+                    let _ = cmd.reply.send(Err(copy_err(&e)));
+                }
+            }
+        }
+        true
+    }
+
+    /// Runs the batch with each command in its own savepoint, and answers it.
+    fn run_guarded(&mut self, batch: &mut Vec<Command>, answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>) {
         let mut start = self.head;
         if let Err(e) = self.control("BEGIN IMMEDIATE") {
             for cmd in batch.drain(..) {
@@ -115,7 +169,7 @@ impl Writer {
                 let mut tx = Tx { conn: &self.conn, head: &mut self.head };
                 // A panic in one command (a bug, never expected) must not take the writer, and
                 // with it the whole ledger, down: it fails that command alone.
-                catch_unwind(AssertUnwindSafe(|| tx.apply(cmd.op)))
+                catch_unwind(AssertUnwindSafe(|| tx.apply(&cmd.op)))
                     .unwrap_or_else(|_| Err(LedgerError::Unavailable("internal error in the ledger writer".into())))
             });
             let keep = matches!(&result, Ok(applied) if applied.keep);
