@@ -66,8 +66,8 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Intent { exchange, credentials, event } => {
-                self.insert_intent(&exchange, &credentials)?;
-                self.append(&event)?;
+                self.insert_intent(exchange, credentials)?;
+                self.append(event)?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::IssueLocal { exchange, credentials, gate, jobs, event } => {
@@ -84,20 +84,20 @@ impl Tx<'_> {
                     params![credential_id, sealed, fingerprint, expires_at],
                 )?;
                 if n == 0 {
-                    return Err(self.credential_not_pending(&credential_id, "take a handle")?);
+                    return Err(self.credential_not_pending(credential_id, "take a handle")?);
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, gate, jobs, event } => self.activate(&exchange_id, &gate, &jobs, &event),
+            Op::Activate { exchange_id, gate, jobs, event } => self.activate(exchange_id, gate, jobs, event),
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
                 self.abort(exchange_id, *state, error, reason, unrevoked, event)
             }
             Op::Transition { id, from, to, event } => self.transition(id, from, *to, event),
-            Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event),
+            Op::CreateKill { rule, selector, event } => self.create_kill(rule, selector, event),
             Op::RecordLapses { now, actor } => self.record_lapses(*now, actor),
-            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event),
-            Op::RequestRevoke { job, event } => self.request_revoke(&job, &event),
-            Op::Release { revokes, event } => self.release(&revokes, &event),
+            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(id, now, by, reason, event),
+            Op::RequestRevoke { job, event } => self.request_revoke(job, event),
+            Op::Release { revokes, event } => self.release(revokes, event),
             Op::EnqueueJobs(jobs) => {
                 for job in jobs {
                     self.insert_job(job)?;
@@ -105,18 +105,18 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::ClaimJobs { now, backend, limit, lease_until } => self.claim_jobs(now, backend, *limit, lease_until),
-            Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome),
+            Op::FinishJob { job_id, outcome } => self.finish_job(job_id, outcome),
             Op::AppendEvent(event) => {
-                self.append(&event)?;
+                self.append(event)?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::InsertSigningKey { key, event } => {
-                self.insert_signing_key(&key)?;
-                self.append(&event)?;
+                self.insert_signing_key(key)?;
+                self.append(event)?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => {
-                self.retire_signing_key(&kid, &at, replacement.as_deref(), &signed_from, signed_until.as_deref(), event)
+                self.retire_signing_key(kid, at, replacement.as_deref(), signed_from, signed_until.as_deref(), event)
             }
             Op::RecordCheckpoint { checkpoint: c, event } => {
                 // Under the writer, nothing can move the row between this check and the insert.
@@ -131,7 +131,7 @@ impl Tx<'_> {
                     "INSERT INTO audit_checkpoints (seq, hash, signed_at, key_id, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![c.seq, c.hash, c.signed_at, c.key_id, c.signature],
                 )?;
-                self.append(&event)?;
+                self.append(event)?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::SetStreamPosition { name, seq } => {
