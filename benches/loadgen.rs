@@ -1,7 +1,7 @@
 //! `latchkey-bench`: how many token exchanges a `latchkey serve` sustains, and how fast.
 //!
 //! The benchmark is an outside client: it never links latchkey's library, it runs the binary.
-//! It plays the OIDC issuer (discovery + JWKS, ES256), writes a configuration with the SQLite
+//! It plays the OIDC issuer (discovery + JWKS, ES256, or RS256 as GitHub Actions signs), writes a configuration with the SQLite
 //! ledger and one `jwt` capability, runs `latchkey migrate` and `latchkey serve`, pre-mints one
 //! subject token per exchange (single use is on, so a token cannot be sent twice), and then
 //! drives `POST /v1/token` in a closed loop over `--concurrency` keep-alive connections while it
@@ -34,7 +34,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Parser;
 use serde_json::Value;
 
-use crate::issuer::{Issuer, TOKEN_LIFETIME_SECS};
+use crate::issuer::{Alg, Issuer, TOKEN_LIFETIME_SECS};
 use crate::load::Call;
 use crate::report::{RunInfo, Targets};
 use crate::server::{Grant, Server};
@@ -77,6 +77,10 @@ struct Args {
     /// Load before the measurement starts, not counted.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     warmup: Duration,
+    /// The subject tokens' signature: ES256, or RS256 as GitHub Actions and GitLab sign (RSA
+    /// signing makes pre-minting about ten times slower; the broker's cost is about the same).
+    #[arg(long, value_enum, default_value_t = Alg::Es256)]
+    alg: Alg,
     /// Tokens to pre-mint, one per exchange [default: per second of warm-up + duration, 8,000
     /// (jwt) or 1,000 (aws)].
     #[arg(long, value_name = "N")]
@@ -206,7 +210,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         eprintln!("working directory (kept): {}", dir.display());
     }
 
-    let issuer = Issuer::start().await?;
+    let issuer = Issuer::start(args.alg).await?;
     // With `--backend aws`: moto's URL, and a role there for both loads to assume.
     let aws = match (args.backend, &args.moto) {
         (Backend::Aws, Some(url)) => Some((url.as_str(), moto::create_role(url).await?)),
@@ -285,6 +289,7 @@ async fn run(args: &Args) -> anyhow::Result<Verdict> {
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
         tokens_minted: token_count,
+        token_alg: args.alg.name(),
         mint_s,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         client_threads: usize::from(args.client_threads),

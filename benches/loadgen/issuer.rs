@@ -1,17 +1,20 @@
-//! The OIDC issuer the benchmark plays: discovery, a JWKS with one ES256 key, and GitHub
-//! Actions-style subject tokens signed with that key.
+//! The OIDC issuer the benchmark plays: discovery, a JWKS with one key, and GitHub
+//! Actions-style subject tokens signed with that key: RS256 (RSA 2048, what GitHub Actions and
+//! GitLab sign with) or ES256 (P-256, whose verification costs more).
 //!
 //! It is deliberately independent of latchkey's own code (its verifier is what is being
 //! measured): the key is generated with aws-lc-rs, the JWK and the JWS are assembled by hand
-//! following RFC 7517/7518 (EC public key as base64url `x`/`y` coordinates, ES256 signature as
-//! the fixed-width `r ‖ s`).
+//! following RFC 7517/7518 (RSA public key as base64url `n`/`e`; EC public key as base64url
+//! `x`/`y` coordinates, ES256 signature as the fixed-width `r ‖ s`).
 
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, UnparsedPublicKey,
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RSA_PKCS1_2048_8192_SHA256,
+    RSA_PKCS1_SHA256, RsaKeyPair, UnparsedPublicKey,
 };
 use axum::Json;
 use axum::Router;
@@ -48,15 +51,15 @@ impl Drop for Issuer {
 }
 
 impl Issuer {
-    /// Generates a P-256 key and serves discovery and the JWKS on a free loopback port.
-    pub async fn start() -> anyhow::Result<Issuer> {
+    /// Generates a key for `alg` and serves discovery and the JWKS on a free loopback port.
+    pub async fn start(alg: Alg) -> anyhow::Result<Issuer> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the issuer")?;
         let url = format!("http://{}", listener.local_addr()?);
-        let minter = Arc::new(Minter::generate(&url)?);
+        let minter = Arc::new(Minter::generate(&url, alg)?);
         let discovery = json!({
             "issuer": url,
             "jwks_uri": format!("{url}/jwks"),
-            "id_token_signing_alg_values_supported": ["ES256"],
+            "id_token_signing_alg_values_supported": [alg.name()],
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "scopes_supported": ["openid"],
@@ -64,7 +67,7 @@ impl Issuer {
                 "repository_id", "repository_owner", "repository_owner_id", "run_id", "actor",
                 "event_name", "job_workflow_ref", "workflow", "runner_environment"],
         });
-        let jwks = minter.jwks();
+        let jwks = minter.jwks()?;
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(move || async move { Json(discovery) }))
             .route("/jwks", get(move || async move { Json(jwks) }));
@@ -77,46 +80,92 @@ impl Issuer {
     }
 }
 
+/// The signature algorithm of the subject tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Alg {
+    /// RSA 2048 with SHA-256, as GitHub Actions and GitLab sign.
+    Rs256,
+    /// P-256 with SHA-256.
+    Es256,
+}
+
+impl Alg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Alg::Rs256 => "RS256",
+            Alg::Es256 => "ES256",
+        }
+    }
+}
+
+enum Key {
+    Rsa(RsaKeyPair),
+    Ec(EcdsaKeyPair),
+}
+
 /// Signs subject tokens. Shared by the minting threads.
 pub struct Minter {
     issuer: String,
-    key: EcdsaKeyPair,
+    alg: Alg,
+    key: Key,
     kid: String,
     /// base64url of the JOSE header, the same for every token.
     header_b64: String,
 }
 
 impl Minter {
-    pub fn generate(issuer: &str) -> anyhow::Result<Minter> {
-        let alg = &ECDSA_P256_SHA256_FIXED_SIGNING;
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new())
-            .map_err(|_| anyhow!("cannot generate a P-256 key"))?;
-        let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).map_err(|e| anyhow!("P-256 key rejected: {e}"))?;
+    pub fn generate(issuer: &str, alg: Alg) -> anyhow::Result<Minter> {
+        let key = match alg {
+            Alg::Rs256 => {
+                Key::Rsa(RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| anyhow!("cannot generate an RSA key"))?)
+            }
+            Alg::Es256 => {
+                let signing = &ECDSA_P256_SHA256_FIXED_SIGNING;
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &SystemRandom::new())
+                    .map_err(|_| anyhow!("cannot generate a P-256 key"))?;
+                Key::Ec(
+                    EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref())
+                        .map_err(|e| anyhow!("P-256 key rejected: {e}"))?,
+                )
+            }
+        };
+        let mut minter = Minter { issuer: issuer.to_owned(), alg, key, kid: String::new(), header_b64: String::new() };
         // A stable, key-derived id, as RFC 7638 thumbprints are: a new key gets a new kid.
-        let kid = format!("bench-{}", &hex::encode(Sha256::digest(key.public_key().as_ref()))[..16]);
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": kid});
-        let header_b64 = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
-        Ok(Minter { issuer: issuer.to_owned(), key, kid, header_b64 })
+        minter.kid = format!("bench-{}", &hex::encode(Sha256::digest(minter.public_key()))[..16]);
+        let header = json!({"alg": alg.name(), "typ": "JWT", "kid": minter.kid});
+        minter.header_b64 = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header)?);
+        Ok(minter)
     }
 
-    /// The uncompressed SEC1 public point: `0x04 ‖ x (32) ‖ y (32)`.
-    pub fn public_point(&self) -> &[u8] {
-        self.key.public_key().as_ref()
+    /// The public key: for RSA the PKCS#1 `RSAPublicKey` DER, for P-256 the uncompressed SEC1
+    /// point `0x04 ‖ x (32) ‖ y (32)`.
+    pub fn public_key(&self) -> &[u8] {
+        match &self.key {
+            Key::Rsa(k) => k.public_key().as_ref(),
+            Key::Ec(k) => k.public_key().as_ref(),
+        }
     }
 
-    /// `{"keys": [<the EC public JWK>]}`.
-    pub fn jwks(&self) -> Value {
-        let point = self.public_point();
-        debug_assert_eq!(point.len(), 65);
-        json!({"keys": [{
-            "kty": "EC",
-            "crv": "P-256",
-            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-            "kid": self.kid,
-            "use": "sig",
-            "alg": "ES256",
-        }]})
+    /// `{"keys": [<the public JWK>]}`.
+    pub fn jwks(&self) -> anyhow::Result<Value> {
+        let public = self.public_key();
+        let jwk = match self.alg {
+            Alg::Rs256 => {
+                let (n, e) = rsa_public_numbers(public)?;
+                json!({"kty": "RSA", "n": URL_SAFE_NO_PAD.encode(n), "e": URL_SAFE_NO_PAD.encode(e)})
+            }
+            Alg::Es256 => json!({
+                "kty": "EC",
+                "crv": "P-256",
+                "x": URL_SAFE_NO_PAD.encode(&public[1..33]),
+                "y": URL_SAFE_NO_PAD.encode(&public[33..65]),
+            }),
+        };
+        let mut jwk = jwk;
+        jwk["kid"] = json!(self.kid);
+        jwk["use"] = json!("sig");
+        jwk["alg"] = json!(self.alg.name());
+        Ok(json!({ "keys": [jwk] }))
     }
 
     /// The claims of token number `n`, GitHub Actions-shaped, issued at `now` (Unix seconds).
@@ -166,11 +215,19 @@ impl Minter {
     pub fn sign(&self, claims: &Value) -> anyhow::Result<String> {
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims)?);
         let signing_input = format!("{}.{payload}", self.header_b64);
-        let sig = self
-            .key
-            .sign(&SystemRandom::new(), signing_input.as_bytes())
-            .map_err(|_| anyhow!("ES256 signing failed"))?;
-        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+        let rng = SystemRandom::new();
+        let sig = match &self.key {
+            Key::Rsa(k) => {
+                let mut sig = vec![0; k.public_modulus_len()];
+                k.sign(&RSA_PKCS1_SHA256, &rng, signing_input.as_bytes(), &mut sig)
+                    .map_err(|_| anyhow!("RS256 signing failed"))?;
+                sig
+            }
+            Key::Ec(k) => {
+                k.sign(&rng, signing_input.as_bytes()).map_err(|_| anyhow!("ES256 signing failed"))?.as_ref().to_vec()
+            }
+        };
+        Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 
     /// The form body of one exchange of a fresh token `n`. A compact JWS is base64url and `.`,
@@ -220,10 +277,50 @@ impl Minter {
         let token = token_of(body);
         let dot = token.iter().rposition(|b| *b == b'.').ok_or_else(|| anyhow!("not a compact JWS"))?;
         let sig = URL_SAFE_NO_PAD.decode(&token[dot + 1..])?;
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.public_point())
-            .verify(&token[..dot], &sig)
-            .map_err(|_| anyhow!("a minted token does not verify with the published key"))
+        let verified = match self.alg {
+            Alg::Rs256 => {
+                UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, self.public_key()).verify(&token[..dot], &sig)
+            }
+            Alg::Es256 => {
+                UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.public_key()).verify(&token[..dot], &sig)
+            }
+        };
+        verified.map_err(|_| anyhow!("a minted token does not verify with the published key"))
     }
+}
+
+/// The modulus and public exponent of a PKCS#1 `RSAPublicKey` (RFC 8017 A.1.1:
+/// `SEQUENCE { INTEGER n, INTEGER e }`, DER), unsigned big-endian with no leading zero, as a JWK
+/// carries them (RFC 7518 6.3.1).
+fn rsa_public_numbers(der: &[u8]) -> anyhow::Result<(&[u8], &[u8])> {
+    fn element(input: &[u8], tag: u8) -> anyhow::Result<(&[u8], &[u8])> {
+        let (&t, rest) = input.split_first().ok_or_else(|| anyhow!("DER: truncated"))?;
+        if t != tag {
+            return Err(anyhow!("DER: tag {t:#x}, expected {tag:#x}"));
+        }
+        let (&first, rest) = rest.split_first().ok_or_else(|| anyhow!("DER: truncated"))?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 2 || rest.len() < n {
+                return Err(anyhow!("DER: unsupported length"));
+            }
+            (rest[..n].iter().fold(0usize, |acc, b| acc << 8 | usize::from(*b)), &rest[n..])
+        };
+        if rest.len() < len {
+            return Err(anyhow!("DER: truncated"));
+        }
+        Ok(rest.split_at(len))
+    }
+    fn unsigned(i: &[u8]) -> &[u8] {
+        let zeros = i.iter().take_while(|b| **b == 0).count();
+        &i[zeros.min(i.len().saturating_sub(1))..]
+    }
+    let (body, _) = element(der, 0x30)?;
+    let (n, rest) = element(body, 0x02)?;
+    let (e, _) = element(rest, 0x02)?;
+    Ok((unsigned(n), unsigned(e)))
 }
 
 #[cfg(test)]
@@ -235,15 +332,43 @@ mod tests {
     }
 
     #[test]
-    fn tokens_verify_against_the_published_jwk() {
-        let minter = Minter::generate("http://127.0.0.1:1").expect("key");
+    fn rs256_tokens_verify_against_the_published_jwk() {
+        let minter = Minter::generate("http://127.0.0.1:1", Alg::Rs256).expect("key");
+        let body = minter.exchange_body(7, 1_700_000_000).expect("token");
+        let token = std::str::from_utf8(token_of(&body)).expect("ascii");
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+
+        // Rebuild the public key from the JWK's `n` and `e` alone, as a relying party would.
+        let jwks = minter.jwks().expect("jwks");
+        let jwk = &jwks["keys"][0];
+        assert_eq!((jwk["kty"].as_str(), jwk["alg"].as_str()), (Some("RSA"), Some("RS256")));
+        let (n, e) = (b64(jwk["n"].as_str().expect("n")), b64(jwk["e"].as_str().expect("e")));
+        assert_eq!((n.len(), n[0] & 0x80), (256, 0x80), "a 2048-bit modulus, no leading zero");
+        assert_eq!(e, [1, 0, 1], "the public exponent 65537");
+        let sig = b64(parts[2]);
+        aws_lc_rs::signature::RsaPublicKeyComponents { n: &n, e: &e }
+            .verify(&RSA_PKCS1_2048_8192_SHA256, format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+            .expect("signature verifies");
+        let header: Value = serde_json::from_slice(&b64(parts[0])).expect("header");
+        assert_eq!((&header["alg"], &header["kid"]), (&json!("RS256"), &jwk["kid"]));
+        minter.check(&body).expect("self-check accepts it");
+        let mut forged = body.clone();
+        let at = forged.len() - 60;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        assert!(minter.check(&forged).is_err(), "self-check refuses a changed signature");
+    }
+
+    #[test]
+    fn es256_tokens_verify_against_the_published_jwk() {
+        let minter = Minter::generate("http://127.0.0.1:1", Alg::Es256).expect("key");
         let body = minter.exchange_body(7, 1_700_000_000).expect("token");
         let token = std::str::from_utf8(token_of(&body)).expect("ascii");
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
 
         // Rebuild the public key from the JWK alone, as a relying party would.
-        let jwks = minter.jwks();
+        let jwks = minter.jwks().expect("jwks");
         let jwk = &jwks["keys"][0];
         assert_eq!(
             (jwk["kty"].as_str(), jwk["crv"].as_str(), jwk["alg"].as_str()),
@@ -277,7 +402,7 @@ mod tests {
 
     #[test]
     fn the_form_body_is_a_valid_token_exchange() {
-        let minter = Minter::generate("http://127.0.0.1:1").expect("key");
+        let minter = Minter::generate("http://127.0.0.1:1", Alg::Es256).expect("key");
         let body = minter.exchange_body(0, 1_700_000_000).expect("token");
         let text = std::str::from_utf8(&body).expect("ascii");
         let fields: std::collections::HashMap<String, String> = url_decode_form(text);
@@ -289,7 +414,7 @@ mod tests {
 
     #[test]
     fn minting_gives_unique_jtis_on_every_thread() {
-        let minter = Minter::generate("http://127.0.0.1:1").expect("key");
+        let minter = Minter::generate("http://127.0.0.1:1", Alg::Es256).expect("key");
         let bodies = minter.mint(101, 1_700_000_000).expect("mint");
         assert_eq!(bodies.len(), 101);
         let jtis: std::collections::HashSet<String> = bodies
@@ -306,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn discovery_and_jwks_are_served() {
-        let issuer = Issuer::start().await.expect("issuer");
+        let issuer = Issuer::start(Alg::Es256).await.expect("issuer");
         let client = reqwest::Client::builder().no_proxy().build().expect("client");
         let discovery: Value = client
             .get(format!("{}/.well-known/openid-configuration", issuer.url))
@@ -320,7 +445,7 @@ mod tests {
         let jwks_uri = discovery["jwks_uri"].as_str().expect("jwks_uri");
         assert_eq!(jwks_uri, format!("{}/jwks", issuer.url));
         let jwks: Value = client.get(jwks_uri).send().await.expect("jwks").json().await.expect("json");
-        assert_eq!(jwks, issuer.minter.jwks());
+        assert_eq!(jwks, issuer.minter.jwks().expect("jwks"));
     }
 
     /// A minimal `application/x-www-form-urlencoded` decoder, independent of the encoder above.

@@ -23,6 +23,8 @@ pub struct RunInfo {
     pub warmup_s: f64,
     pub duration_s: f64,
     pub tokens_minted: usize,
+    /// `RS256` or `ES256`.
+    pub token_alg: &'static str,
     pub mint_s: f64,
     pub cores: usize,
     pub client_threads: usize,
@@ -174,8 +176,8 @@ pub fn print_human(summary: &Summary, outcome: &Outcome, info: &RunInfo) {
     println!("  binary        {}", info.latchkey);
     println!("  store         {}", info.store);
     println!(
-        "  tokens        {} pre-minted (ES256) in {:.1} s; {} used",
-        info.tokens_minted, info.mint_s, outcome.tokens_used
+        "  tokens        {} pre-minted ({}) in {:.1} s; {} used",
+        info.tokens_minted, info.token_alg, info.mint_s, outcome.tokens_used
     );
     println!(
         "  exchanges     {} ok in {:.2} s; {} failed; {} more outside the window",
@@ -233,7 +235,7 @@ pub fn to_json(summary: &Summary, outcome: &Outcome, info: &RunInfo, targets: &T
         "warmup_s": info.warmup_s,
         "duration_s": info.duration_s,
         "window_s": outcome.window.as_secs_f64(),
-        "tokens": {"minted": info.tokens_minted, "used": outcome.tokens_used, "mint_s": info.mint_s, "ran_out": outcome.exhausted},
+        "tokens": {"minted": info.tokens_minted, "alg": info.token_alg, "used": outcome.tokens_used, "mint_s": info.mint_s, "ran_out": outcome.exhausted},
         "exchanges": {"ok": summary.ok, "failed": summary.errors, "outside_window": outcome.uncounted_ok, "failures": outcome.errors, "first_failures": outcome.first_errors},
         "throughput_per_s": summary.rate,
         "per_second": outcome.per_second,
@@ -367,6 +369,7 @@ mod tests {
             warmup_s: 3.0,
             duration_s: 20.0,
             tokens_minted: 100_000,
+            token_alg: "ES256",
             mint_s: 1.0,
             cores: 2,
             client_threads: 1,

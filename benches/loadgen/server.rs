@@ -134,7 +134,7 @@ checkpoint_key_file = "checkpoint.key"
 id = "github-actions"
 kind = "github"
 url = {issuer}
-algorithms = ["ES256"]
+algorithms = ["RS256", "ES256"]
 max_token_age = "10m"
 
 [[admin_key]]
@@ -307,7 +307,7 @@ mod tests {
             "dir = \"policies\"",
             "id = \"github-actions\"",
             "url = \"http://127.0.0.1:5151\"",
-            "algorithms = [\"ES256\"]",
+            "algorithms = [\"RS256\", \"ES256\"]",
             "max_token_age = \"10m\"",
             "role = \"admin\"",
             "checkpoint_key_file = \"checkpoint.key\"",
