@@ -134,6 +134,68 @@ async fn two_replicas_writing_at_once_keep_one_unbroken_chain() {
     assert_eq!(b.audit_head().await.unwrap(), (400, hex::encode(head)), "both replicas see the same head");
 }
 
+/// Writes that fail or are refused share transactions with writes that succeed (one writer
+/// batches whatever is queued): each takes back only its own changes, and every other write of
+/// its batch is kept, on one unbroken chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_or_refused_write_takes_back_only_its_own_changes() {
+    let Some(url) = schema_url().await else { return };
+    let (a, _b) = replicas(&url).await;
+    let (exchange, credential, activate) = intent("spent");
+    let taken = exchange.id;
+    assert_eq!(a.issue_local(&exchange, &[credential], activate).await.unwrap(), Activation::Activated);
+
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..120 {
+        let ledger = a.clone();
+        writers.spawn(async move {
+            let outcome = match i % 4 {
+                0 => {
+                    let (exchange, credential, activate) = intent(&format!("fresh-{i}"));
+                    format!("{:?}", ledger.issue_local(&exchange, &[credential], activate).await)
+                }
+                1 => {
+                    let (exchange, credential, activate) = intent("spent");
+                    format!("{:?}", ledger.issue_local(&exchange, &[credential], activate).await)
+                }
+                // Spends its fresh `jti`, then fails on the exchange id: a statement error, which
+                // spoils the whole transaction in PostgreSQL, after a write that must go.
+                2 => {
+                    let (mut exchange, mut credential, mut activate) = intent(&format!("fresh-{i}"));
+                    (exchange.id, credential.exchange_id, activate.exchange_id) = (taken, taken, taken);
+                    let duplicate = ledger.issue_local(&exchange, &[credential], activate).await;
+                    format!("{}", matches!(duplicate, Err(LedgerError::Conflict(_))))
+                }
+                _ => {
+                    let handle =
+                        latchkey::ledger::Handle { sealed: None, fingerprint: "fp".into(), expires_at: Utc::now() };
+                    let unknown = ledger.record_handle(Uuid::now_v7(), &handle).await;
+                    format!("{}", matches!(unknown, Err(LedgerError::NotFound)))
+                }
+            };
+            ledger.append_event(AuditEvent::new("admin.call", Utc::now())).await.unwrap();
+            (i % 4, outcome)
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        let (kind, outcome) = done.unwrap();
+        let expected = ["Ok(Activated)", "Ok(Replay)", "true", "true"][kind];
+        assert_eq!(outcome, expected, "write kind {kind}");
+    }
+
+    let url_conn = url.clone();
+    let mut conn = sqlx::PgConnection::connect(&url_conn).await.unwrap();
+    let count = async |conn: &mut sqlx::PgConnection, sql: &str| -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(conn).await.unwrap()
+    };
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM exchanges").await, 31, "the first and 30 fresh ones");
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM credentials WHERE state = 'active'").await, 31);
+    assert_eq!(count(&mut conn, "SELECT COUNT(*) FROM spent_jti").await, 31);
+    let events = a.events(0, 10_000).await.unwrap();
+    assert_eq!(events.len(), 31 + 120, "every kept write's event once, and no refused one's");
+    verify_chain(GENESIS_HASH, 1, &events).expect("one chain, no fork, no gap");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subject_token_is_spent_once_whichever_replica_sees_it() {
     let Some(url) = schema_url().await else { return };

@@ -43,7 +43,7 @@ pub(super) struct Tx<'a> {
 pub(super) const KILL_CHANNEL: &str = "latchkey_kills";
 
 impl Tx<'_> {
-    pub(super) async fn apply(&mut self, op: Op) -> Result<Applied, LedgerError> {
+    pub(super) async fn apply(&mut self, op: &Op) -> Result<Applied, LedgerError> {
         match op {
             Op::Refusal { exchange, event } => {
                 if matches!(exchange.state, ExchangeState::Pending | ExchangeState::Allowed) {
@@ -52,17 +52,17 @@ impl Tx<'_> {
                         exchange.state.as_str()
                     )));
                 }
-                self.insert_exchange(&exchange).await?;
-                self.append(&event).await?;
+                self.insert_exchange(exchange, exchange.state).await?;
+                self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Intent { exchange, credentials, event } => {
-                self.insert_intent(&exchange, &credentials).await?;
-                self.append(&event).await?;
+                self.insert_intent(exchange, credentials).await?;
+                self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::IssueLocal { exchange, credentials, gate, jobs, event } => {
-                self.issue_local(exchange, credentials, &gate, &jobs, &event).await
+                self.issue_local(exchange, credentials, gate, jobs, event).await
             }
             Op::Handle { credential_id, sealed, fingerprint, expires_at } => {
                 let n = self
@@ -71,49 +71,50 @@ impl Tx<'_> {
                             "UPDATE credentials SET handle = $2, fingerprint = $3, expires_at = $4 \
                              WHERE id = $1 AND state = 'pending'",
                         )
-                        .bind(&credential_id)
+                        .bind(credential_id)
                         .bind(sealed)
                         .bind(fingerprint)
                         .bind(expires_at),
                     )
                     .await?;
                 if n == 0 {
-                    return Err(self.credential_not_pending(&credential_id, "take a handle").await?);
+                    return Err(self.credential_not_pending(credential_id, "take a handle").await?);
                 }
                 Ok(Applied::keep(Reply::Done))
             }
-            Op::Activate { exchange_id, gate, jobs, event } => self.activate(&exchange_id, &gate, &jobs, &event).await,
+            Op::Activate { exchange_id, gate, jobs, event } => self.activate(exchange_id, gate, jobs, event).await,
             Op::Abort { exchange_id, state, error, reason, unrevoked, event } => {
-                self.abort(&exchange_id, state, &error, &reason, &unrevoked, &event).await
+                self.abort(exchange_id, *state, error, reason, unrevoked, event).await
             }
-            Op::Transition { id, from, to, event } => self.transition(&id, &from, to, &event).await,
-            Op::CreateKill { rule, selector, event } => self.create_kill(&rule, &selector, &event).await,
-            Op::RecordLapses { now, actor } => self.record_lapses(now, &actor).await,
-            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(&id, &now, &by, &reason, &event).await,
-            Op::RequestRevoke { job, event } => self.request_revoke(&job, &event).await,
-            Op::Release { revokes, event } => self.release(&revokes, &event).await,
+            Op::Transition { id, from, to, event } => self.transition(id, from, *to, event).await,
+            Op::CreateKill { rule, selector, event } => self.create_kill(rule, selector, event).await,
+            Op::RecordLapses { now, actor } => self.record_lapses(*now, actor).await,
+            Op::LiftKill { id, now, by, reason, event } => self.lift_kill(id, now, by, reason, event).await,
+            Op::RequestRevoke { job, event } => self.request_revoke(job, event).await,
+            Op::Release { revokes, event } => self.release(revokes, event).await,
             Op::EnqueueJobs(jobs) => {
-                for job in &jobs {
+                for job in jobs {
                     self.insert_job(job).await?;
                 }
                 Ok(Applied::keep(Reply::Done))
             }
             Op::ClaimJobs { now, backend, limit, lease_until } => {
-                let jobs = claim_jobs(self.conn, &now, backend, limit, &lease_until).await?;
+                let jobs = claim_jobs(self.conn, now, backend, *limit, lease_until).await?;
                 Ok(Applied::keep(Reply::Jobs(jobs)))
             }
-            Op::FinishJob { job_id, outcome } => self.finish_job(&job_id, &outcome).await,
+            Op::FinishJob { job_id, outcome } => self.finish_job(job_id, outcome).await,
             Op::AppendEvent(event) => {
-                self.append(&event).await?;
+                self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::InsertSigningKey { key, event } => {
                 self.insert_signing_key(key).await?;
-                self.append(&event).await?;
+                self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::RetireSigningKey { kid, at, replacement, signed_from, signed_until, event } => {
-                self.retire_signing_key(&kid, &at, replacement.map(|k| *k), &signed_from, signed_until, *event).await
+                self.retire_signing_key(kid, at, replacement.as_deref(), signed_from, signed_until.as_deref(), event)
+                    .await
             }
             Op::RecordCheckpoint { checkpoint: c, event } => {
                 // Under the chain lock, nothing can move the row between this check and the insert.
@@ -137,7 +138,7 @@ impl Tx<'_> {
                     .bind(&c.signature),
                 )
                 .await?;
-                self.append(&event).await?;
+                self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
             Op::SetStreamPosition { name, seq } => {
@@ -153,22 +154,22 @@ impl Tx<'_> {
                 Ok(Applied::keep(Reply::Done))
             }
             Op::Prune { now } => {
-                let n = self.exec(sqlx::query("DELETE FROM spent_jti WHERE keep_until < $1").bind(&now)).await?;
+                let n = self.exec(sqlx::query("DELETE FROM spent_jti WHERE keep_until < $1").bind(now)).await?;
                 // A bucket whose time has passed is as good as a new one.
-                self.exec(sqlx::query("DELETE FROM rate_limits WHERE tat < $1").bind(&now)).await?;
+                self.exec(sqlx::query("DELETE FROM rate_limits WHERE tat < $1").bind(now)).await?;
                 Ok(Applied::keep(Reply::Count(n)))
             }
             Op::TakeRate { key, now, interval, tolerance } => {
                 // Under the chain lock, so replicas take turns on a bucket.
                 let tat: Option<String> = sqlx::query_scalar("SELECT tat FROM rate_limits WHERE key = $1")
-                    .bind(&key)
+                    .bind(key)
                     .fetch_optional(&mut *self.conn)
                     .await
                     .map_err(db_err)?;
                 let tat = tat
                     .map(|t| rows::parse_time(&t).ok_or_else(|| rows::corrupt("rate_limits", "tat", "not a time")))
                     .transpose()?;
-                match gcra(tat, now, interval, tolerance) {
+                match gcra(tat, *now, *interval, *tolerance) {
                     Ok(next) => {
                         self.exec(
                             sqlx::query(
@@ -184,22 +185,22 @@ impl Tx<'_> {
                     Err(wait) => Ok(Applied::keep(Reply::Wait(Some(wait)))),
                 }
             }
-            Op::Reseal { reseals, key_id, now } => self.reseal(&reseals, &key_id, now).await,
+            Op::Reseal { reseals, key_id, now } => self.reseal(reseals, key_id, *now).await,
         }
     }
 
-    async fn insert_signing_key(&mut self, key: KeyParams) -> Result<(), LedgerError> {
+    async fn insert_signing_key(&mut self, key: &KeyParams) -> Result<(), LedgerError> {
         self.exec(
             sqlx::query(
                 "INSERT INTO signing_keys (id, algorithm, sealed_private, public_jwk, created_at, signs_from) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
             )
-            .bind(key.id)
-            .bind(key.algorithm)
-            .bind(key.sealed_private)
-            .bind(key.public_jwk)
-            .bind(key.created_at)
-            .bind(key.signs_from),
+            .bind(&key.id)
+            .bind(&key.algorithm)
+            .bind(&key.sealed_private)
+            .bind(&key.public_jwk)
+            .bind(&key.created_at)
+            .bind(&key.signs_from),
         )
         .await?;
         Ok(())
@@ -213,10 +214,10 @@ impl Tx<'_> {
         &mut self,
         kid: &str,
         at: &str,
-        replacement: Option<KeyParams>,
+        replacement: Option<&KeyParams>,
         signed_from: &str,
-        signed_until: Option<String>,
-        event: AuditEvent,
+        signed_until: Option<&str>,
+        event: &AuditEvent,
     ) -> Result<Applied, LedgerError> {
         let n = self
             .exec(
@@ -277,9 +278,9 @@ impl Tx<'_> {
                 .await?;
                 retired.revoked.push(c.id);
             }
-            self.append(&retired_credential_event(&event, kid, c)).await?;
+            self.append(&retired_credential_event(event, kid, c)).await?;
         }
-        self.append(&key_retired_event(event, &retired)).await?;
+        self.append(&key_retired_event(event.clone(), &retired)).await?;
         Ok(Applied::keep(Reply::Retired(retired)))
     }
 
@@ -329,7 +330,8 @@ impl Tx<'_> {
         Ok(())
     }
 
-    async fn insert_exchange(&mut self, e: &ExchangeParams) -> Result<(), LedgerError> {
+    /// Inserts `e` in `state` (an exchange may be written in a later state than it was built in).
+    async fn insert_exchange(&mut self, e: &ExchangeParams, state: ExchangeState) -> Result<(), LedgerError> {
         self.exec(
             sqlx::query(concat!(
                 "INSERT INTO exchanges (",
@@ -339,7 +341,7 @@ impl Tx<'_> {
             .bind(&e.id)
             .bind(&e.request_id)
             .bind(&e.created_at)
-            .bind(e.state.as_str())
+            .bind(state.as_str())
             .bind(&e.error)
             .bind(&e.reason)
             .bind(&e.issuer)
@@ -381,14 +383,15 @@ impl Tx<'_> {
         credentials: &[CredentialParams],
     ) -> Result<(), LedgerError> {
         check_intent(exchange, credentials)?;
-        self.insert_exchange(exchange).await?;
+        self.insert_exchange(exchange, exchange.state).await?;
         for c in credentials {
-            self.insert_credential(c).await?;
+            self.insert_credential(c, c.state).await?;
         }
         Ok(())
     }
 
-    async fn insert_credential(&mut self, c: &CredentialParams) -> Result<(), LedgerError> {
+    /// Inserts `c` in `state`.
+    async fn insert_credential(&mut self, c: &CredentialParams, state: CredentialState) -> Result<(), LedgerError> {
         self.exec(
             sqlx::query(concat!(
                 "INSERT INTO credentials (",
@@ -399,7 +402,7 @@ impl Tx<'_> {
             .bind(&c.exchange_id)
             .bind(&c.name)
             .bind(c.backend)
-            .bind(c.state.as_str())
+            .bind(state.as_str())
             .bind(&c.agent)
             .bind(&c.capability)
             .bind(&c.issuer)
@@ -457,19 +460,19 @@ impl Tx<'_> {
     /// have marked rows that did not exist, so the gate is the whole check.
     async fn issue_local(
         &mut self,
-        exchange: ExchangeParams,
-        credentials: Vec<CredentialParams>,
+        exchange: &ExchangeParams,
+        credentials: &[CredentialParams],
         gate: &Gate,
         jobs: &[JobParams],
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
-        check_intent(&exchange, &credentials)?;
+        check_intent(exchange, credentials)?;
         if let Some(refused) = self.gate(gate, None).await? {
             return Ok(Applied::undo(Reply::Activation(refused)));
         }
-        self.insert_exchange(&ExchangeParams { state: ExchangeState::Allowed, ..exchange }).await?;
+        self.insert_exchange(exchange, ExchangeState::Allowed).await?;
         for c in credentials {
-            self.insert_credential(&CredentialParams { state: CredentialState::Active, ..c }).await?;
+            self.insert_credential(c, CredentialState::Active).await?;
         }
         for job in jobs {
             self.insert_job(job).await?;

@@ -1,8 +1,10 @@
 //! This replica's writer: one connection of its own, and group commit.
 //!
 //! Callers send [`Command`]s over a bounded channel. The writer takes every command already
-//! queued (up to [`MAX_BATCH`]) and runs them in ONE transaction, each in its own savepoint, so a
-//! command that fails (or answers "nothing changed", like a killed activation) rolls back alone.
+//! queued (up to [`MAX_BATCH`]) and runs them in ONE transaction. A command that fails (or
+//! answers "nothing changed", like a killed activation) rolls back alone: the batch first runs
+//! without savepoints, as it nearly always commits whole, and if a command fails it is rolled
+//! back and runs again with each command in its own savepoint (two round trips more each).
 //!
 //! Invariants:
 //! * every transaction first locks the chain head row (`audit_head … FOR UPDATE`) and reads the
@@ -73,48 +75,59 @@ impl Writer {
     }
 
     async fn run_batch(&mut self, batch: Vec<Command>) {
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut commands = batch.into_iter();
-        let mut outcome = self.try_batch(&mut commands, &mut answers).await;
-        if outcome.is_err() && answers.is_empty() && self.conn.is_some() {
-            // The kept connection failed before any command ran: PostgreSQL restarted, or closed
-            // it while idle. Nothing was written, so the batch runs again on a new connection
-            // instead of failing exchanges that a healthy server would take.
-            self.conn = None;
-            outcome = self.try_batch(&mut commands, &mut answers).await;
-        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut guarded = false;
+        let mut reconnected = false;
+        let outcome = loop {
+            results.clear();
+            match self.try_batch(&batch, guarded, &mut results).await {
+                Ok(true) => break Ok(()),
+                // A command failed or undid itself, and the transaction was rolled back: the
+                // batch runs again with each command in its own savepoint.
+                Ok(false) => guarded = true,
+                // The kept connection failed before any command ran: PostgreSQL restarted, or
+                // closed it while idle. Nothing was written, so the batch runs again on a new
+                // connection instead of failing exchanges that a healthy server would take.
+                Err(_) if results.is_empty() && self.conn.is_some() && !reconnected => {
+                    self.conn = None;
+                    reconnected = true;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let mut results = results.into_iter();
         match outcome {
             Ok(()) => {
-                for (reply, result) in answers {
-                    let _ = reply.send(result);
+                for (cmd, result) in batch.into_iter().zip(results) {
+                    let _ = cmd.reply.send(result);
                 }
             }
             Err(e) => {
                 // Nothing of this transaction was kept: answers that said otherwise become the
                 // error, and the connection (broken or in an unknown state) is not used again.
-                tracing::error!(error = %e, commands = answers.len() + commands.len(), "ledger.commit_failed");
+                tracing::error!(error = %e, commands = batch.len(), "ledger.commit_failed");
                 self.conn = None;
-                for (reply, result) in answers {
-                    let _ = reply.send(match result {
-                        Ok(_) => Err(copy_err(&e)),
-                        err => err,
+                for cmd in batch {
+                    let _ = cmd.reply.send(match results.next() {
+                        Some(Err(own)) => Err(own),
+                        _ => Err(copy_err(&e)),
                     });
-                }
-                for cmd in commands {
-                    let _ = cmd.reply.send(Err(copy_err(&e)));
                 }
             }
         }
     }
 
+    /// One transaction over the batch: true when it committed, false when it ran `guarded ==
+    /// false` and a command failed or undid itself (the transaction is then rolled back).
     async fn try_batch(
         &mut self,
-        commands: &mut std::vec::IntoIter<Command>,
-        answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
-    ) -> Result<(), LedgerError> {
+        commands: &[Command],
+        guarded: bool,
+        results: &mut Vec<Result<Reply, LedgerError>>,
+    ) -> Result<bool, LedgerError> {
         let timeout = self.batch_timeout;
         let conn = self.connection().await?;
-        match tokio::time::timeout(timeout, transact(conn, commands, answers)).await {
+        match tokio::time::timeout(timeout, transact(conn, commands, guarded, results)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // Dropping the connection ends the transaction on the server's side too.
@@ -136,13 +149,17 @@ impl Writer {
     }
 }
 
-/// One transaction: the head lock, every command in its savepoint, the head row, COMMIT. An
-/// error answered here is fatal to the whole transaction; a command's own error is its answer.
+/// One transaction: the head lock, every command, the head row, COMMIT. `guarded`: each
+/// command in its own savepoint, so that a command that fails or undoes itself rolls back alone;
+/// unguarded (two round trips fewer per command), such a command rolls the whole transaction
+/// back and the answer is false. An error answered here is fatal to the whole transaction; a
+/// command's own error is its result.
 async fn transact(
     conn: &mut PgConnection,
-    commands: &mut std::vec::IntoIter<Command>,
-    answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
-) -> Result<(), LedgerError> {
+    commands: &[Command],
+    guarded: bool,
+    results: &mut Vec<Result<Reply, LedgerError>>,
+) -> Result<bool, LedgerError> {
     control(conn, "BEGIN").await?;
     let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         .fetch_optional(&mut *conn)
@@ -155,25 +172,32 @@ async fn transact(
         ChainHead { seq, hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt("audit_head.hash".into()))? };
     let mut head = start;
 
-    for cmd in commands.by_ref() {
-        control(conn, "SAVEPOINT command").await?;
+    for cmd in commands {
+        if guarded {
+            control(conn, "SAVEPOINT command").await?;
+        }
         let before = head;
         let result = {
             let mut tx = Tx { conn: &mut *conn, head: &mut head };
             // A panic in one command (a bug, never expected) fails that command alone.
-            AssertUnwindSafe(tx.apply(cmd.op))
+            AssertUnwindSafe(tx.apply(&cmd.op))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| Err(LedgerError::Unavailable("internal error in the ledger writer".into())))
         };
-        if matches!(&result, Ok(applied) if applied.keep) {
+        let keep = matches!(&result, Ok(applied) if applied.keep);
+        if !guarded && !keep {
+            control(conn, "ROLLBACK").await?;
+            return Ok(false);
+        }
+        if guarded && keep {
             control(conn, "RELEASE SAVEPOINT command").await?;
-        } else {
+        } else if guarded {
             head = before;
             control(conn, "ROLLBACK TO SAVEPOINT command").await?;
             control(conn, "RELEASE SAVEPOINT command").await?;
         }
-        answers.push((cmd.reply, result.map(|a| a.reply)));
+        results.push(result.map(|a| a.reply));
     }
 
     if head != start {
@@ -184,7 +208,8 @@ async fn transact(
             .await
             .map_err(db_err)?;
     }
-    control(conn, "COMMIT").await
+    control(conn, "COMMIT").await?;
+    Ok(true)
 }
 
 async fn control(conn: &mut PgConnection, sql: &'static str) -> Result<(), LedgerError> {
