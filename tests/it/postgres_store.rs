@@ -196,6 +196,57 @@ async fn a_failing_or_refused_write_takes_back_only_its_own_changes() {
     verify_chain(GENESIS_HASH, 1, &events).expect("one chain, no fork, no gap");
 }
 
+/// A kill and the activations around it, sent together so that the writer takes them in one
+/// transaction: an activation applied after the kill of its agent is refused even when an
+/// activation before the kill, in the same transaction, already read the kill epoch; one applied
+/// before it is activated, and the kill gives its credential a revocation job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_activation_after_a_kill_in_the_same_transaction_is_refused() {
+    let Some(url) = schema_url().await else { return };
+    let (a, _b) = replicas(&url).await;
+    let mut refused = 0;
+    for round in 0..30 {
+        let agent = format!("agent-{round}");
+        let epoch = a.kill_state(Utc::now()).await.unwrap().epoch;
+        let activation = |jti: String, agent: &str| {
+            let (exchange, credential, mut activate) = intent(&jti);
+            (activate.subject.agent, activate.seen_kill_epoch) = (agent.to_owned(), epoch);
+            (exchange, [credential], activate)
+        };
+        let (before_e, before_c, before_a) = activation(format!("before-{round}"), "bystander");
+        let (after_e, after_c, after_a) = activation(format!("after-{round}"), &agent);
+        let rule = latchkey::kill::KillRule {
+            id: Uuid::now_v7(),
+            selector: latchkey::kill::Selector { agent: Some(agent.clone()), ..Default::default() },
+            reason: "test".into(),
+            created_at: Utc::now(),
+            created_by: "admin-key:test".into(),
+            expires_at: None,
+            lifted_at: None,
+        };
+        // Polled in this order, so sent to the writer in this order.
+        let (before, kill, after) = tokio::join!(
+            a.issue_local(&before_e, &before_c, before_a),
+            a.create_kill(&rule, AuditEvent::new("kill.created", Utc::now())),
+            a.issue_local(&after_e, &after_c, after_a),
+        );
+        assert_eq!(before.unwrap(), Activation::Activated, "round {round}: the bystander");
+        let kill = kill.unwrap();
+        match after.unwrap() {
+            Activation::Killed { rule_id } => {
+                assert_eq!(rule_id, Some(rule.id), "round {round}");
+                assert!(kill.jobs.is_empty(), "round {round}: nothing of the agent was active");
+                refused += 1;
+            }
+            Activation::Activated => {
+                assert_eq!(kill.jobs, [after_c[0].id], "round {round}: activated before the kill, revoked by it")
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    assert!(refused > 0, "no activation ever followed its kill");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subject_token_is_spent_once_whichever_replica_sees_it() {
     let Some(url) = schema_url().await else { return };

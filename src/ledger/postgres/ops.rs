@@ -36,6 +36,10 @@ pub(super) struct ChainHead {
 pub(super) struct Tx<'a> {
     pub(super) conn: &'a mut PgConnection,
     pub(super) head: &'a mut ChainHead,
+    /// The kill epoch as this transaction last read it, or `None` until read (and again after a
+    /// command moved it). Kill creation and lifting move it only under the chain lock this
+    /// transaction holds, so once read it holds for every later command of the batch.
+    pub(super) kill_epoch: &'a mut Option<i64>,
 }
 
 /// The channel kill changes are announced on; the payload names the schema, so that replicas of
@@ -486,7 +490,11 @@ impl Tx<'_> {
     /// already written pending, which a kill may have marked.
     async fn gate(&mut self, gate: &Gate, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
-        if read::kill_epoch(&mut *self.conn).await? != gate.seen_kill_epoch {
+        let epoch = match *self.kill_epoch {
+            Some(epoch) => epoch,
+            None => *self.kill_epoch.insert(read::kill_epoch(&mut *self.conn).await?),
+        };
+        if epoch != gate.seen_kill_epoch {
             for rule in read::rules_in_force(&mut *self.conn, gate.now).await? {
                 if rule.selector.matches(&gate.subject) {
                     return Ok(Some(Activation::Killed { rule_id: Some(rule.id) }));
@@ -678,6 +686,7 @@ impl Tx<'_> {
 
     /// Moves the kill epoch and announces it; the notification is delivered on COMMIT only.
     async fn bump_kill_epoch(&mut self) -> Result<(), LedgerError> {
+        *self.kill_epoch = None;
         self.exec(sqlx::query("UPDATE kill_epoch SET epoch = epoch + 1 WHERE id = 1")).await?;
         self.exec(sqlx::query("SELECT pg_notify($1, current_schema())::text").bind(KILL_CHANNEL)).await?;
         Ok(())

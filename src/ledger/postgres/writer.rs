@@ -171,6 +171,7 @@ async fn transact(
     let start =
         ChainHead { seq, hash: hash_from_hex(&hash).ok_or_else(|| LedgerError::Corrupt("audit_head.hash".into()))? };
     let mut head = start;
+    let mut kill_epoch = None;
 
     for cmd in commands {
         if guarded {
@@ -178,7 +179,7 @@ async fn transact(
         }
         let before = head;
         let result = {
-            let mut tx = Tx { conn: &mut *conn, head: &mut head };
+            let mut tx = Tx { conn: &mut *conn, head: &mut head, kill_epoch: &mut kill_epoch };
             // A panic in one command (a bug, never expected) fails that command alone.
             AssertUnwindSafe(tx.apply(&cmd.op))
                 .catch_unwind()
@@ -193,7 +194,8 @@ async fn transact(
         if guarded && keep {
             control(conn, "RELEASE SAVEPOINT command").await?;
         } else if guarded {
-            head = before;
+            // What the command read or moved is undone with it.
+            (head, kill_epoch) = (before, None);
             control(conn, "ROLLBACK TO SAVEPOINT command").await?;
             control(conn, "RELEASE SAVEPOINT command").await?;
         }
