@@ -183,7 +183,13 @@ pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
     // When each backend's queue was last found empty.
     let mut emptied: HashMap<BackendKind, Instant> = HashMap::new();
     let mut total = 0;
+    let mut depth_set = Instant::now();
     let claimed = 'pass: loop {
+        // A long pass (a kill of thousands of credentials) keeps the queue-depth gauge current.
+        if depth_set.elapsed() >= DEPTH_EVERY {
+            set_queue_depth(app).await;
+            depth_set = Instant::now();
+        }
         for backend in BackendKind::ALL {
             let busy = busy.entry(backend).or_default();
             let free = concurrency - *busy;
@@ -227,10 +233,17 @@ pub async fn run_jobs(app: &AppState) -> Result<usize, LedgerError> {
     // revocations half-way).
     while running.join_next().await.is_some() {}
     claimed?;
+    set_queue_depth(app).await;
+    Ok(total)
+}
+
+/// How often a running pass of [`run_jobs`] sets `latchkey_job_queue_depth`.
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
+
+async fn set_queue_depth(app: &App) {
     if let Ok(depth) = app.ledger.job_queue_depth().await {
         app.metrics.job_queue_depth.set(depth as i64);
     }
-    Ok(total)
 }
 
 /// How long a backend whose queue was found empty is left alone while other jobs still run.

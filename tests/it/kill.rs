@@ -353,10 +353,12 @@ async fn one_credential_is_revoked_on_request() {
     assert_eq!(revoked[0]["detail"]["kill_id"], Value::Null);
 }
 
-/// A Vault-kind backend double that keeps a handle and whose revocations fail while `down`.
+/// A Vault-kind backend double that keeps a handle and whose revocations fail while `down`,
+/// and wait while `held`.
 #[derive(Debug, Default)]
 struct FlakyVault {
     down: AtomicBool,
+    held: AtomicBool,
     revoked: AtomicUsize,
 }
 
@@ -381,6 +383,9 @@ impl Backend for FlakyVault {
     }
     async fn revoke(&self, c: &CredentialRow, handle: Option<&[u8]>) -> Result<(), BackendError> {
         assert_eq!(handle, Some(format!("accessor-{}", c.id).as_bytes()), "revocation gets the unsealed handle");
+        while self.held.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(BackendError::Unavailable {
                 backend: BackendKind::Vault,
@@ -455,6 +460,58 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
     let revoked = t.events("credential.revoked").await;
     assert_eq!(revoked.len(), 2);
     assert!(revoked.iter().all(|e| e["detail"]["kill_id"] == id.as_str()), "{revoked:?}");
+}
+
+/// During a long pass of the worker (one backend slow to revoke), `latchkey_job_queue_depth`
+/// follows the jobs that finish, not only the pass's end: an operator watching a kill drain sees
+/// it drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_depth_follows_a_long_pass() {
+    let vault = Arc::new(FlakyVault::default());
+    let t = TestApp::builder()
+        .no_background()
+        .policy("vault-deploy.toml", VAULT_POLICY)
+        .config(
+            "[backends.vault]\naddress = \"http://127.0.0.1:1\"\ntoken_role = \"latchkey\"\ntoken_file = \"unused\"\n",
+        )
+        .backend(vault.clone())
+        .start()
+        .await;
+    for _ in 0..5 {
+        assert_eq!(exchange_pr(&t).await.status, StatusCode::OK);
+    }
+    let v = t.exchange(&t.token(json!({})), "vault-deploy").await;
+    assert_eq!(v.status, StatusCode::OK, "{}", v.text);
+    let depth = async || {
+        let m = t.get("/metrics", None).await;
+        let line = m.text.lines().find(|l| l.starts_with("latchkey_job_queue_depth ")).map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next().and_then(|n| n.parse::<i64>().ok())).unwrap_or(-1)
+    };
+    let waiting = || count(&t, "SELECT COUNT(*) FROM jobs WHERE done_at IS NULL");
+
+    vault.held.store(true, Ordering::SeqCst);
+    let k = kill(&t, json!({ "selector": { "all": true }, "reason": "incident" })).await;
+    assert_eq!(k.status, StatusCode::CREATED, "{}", k.text);
+    let before = waiting().await;
+    let app = t.app.clone();
+    let pass = tokio::spawn(async move { latchkey::worker::run_jobs(&app).await.unwrap() });
+    // The five jwt revocations finish at once; the vault one waits, and so does the pass.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count(&t, "SELECT COUNT(*) FROM credentials WHERE state = 'revoked'").await != 5 {
+        assert!(std::time::Instant::now() < deadline, "the jwt revocations did not run");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(!pass.is_finished(), "the pass waits for the held revocation");
+    let during = waiting().await;
+    assert!(during < before, "{during} of {before} jobs still waiting");
+    assert_eq!(depth().await, during, "the gauge during the pass");
+
+    vault.held.store(false, Ordering::SeqCst);
+    assert_eq!(pass.await.unwrap(), 6);
+    let after = waiting().await;
+    assert!(after < during);
+    assert_eq!(depth().await, after, "the gauge after the pass");
 }
 
 /// With the background worker running, a kill's revocations start without waiting for a test
