@@ -95,8 +95,24 @@ impl ExchangeError {
     }
 }
 
-/// Runs one token exchange.
+/// Runs one token exchange, and counts its outcome (`latchkey_exchanges_total`), whichever step
+/// ended it.
 pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, ExchangeError> {
+    let capability = req.capability.clone();
+    let result = run(app, req).await;
+    let decision = match &result {
+        Ok(_) => "allowed",
+        Err(ExchangeError::AccessDenied(_)) => "denied",
+        Err(ExchangeError::SlowDown { .. }) => "limited",
+        Err(ExchangeError::Unavailable(_)) => "failed",
+        Err(ExchangeError::InvalidGrant(_) | ExchangeError::InvalidRequest(_)) => "invalid",
+    };
+    app.metrics.exchanges.get_or_create(&labels(&capability, decision)).inc();
+    result
+}
+
+/// The exchange itself, DESIGN steps 2 to 8.
+async fn run(app: &App, req: ExchangeRequest) -> Result<Exchanged, ExchangeError> {
     let now = app.clock.now();
     let mut row = ExchangeRow::started(&req, now);
 
@@ -137,7 +153,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // Step 3: kill rules, checked in memory. They name agents, so this follows the policy
     // lookup that assigns the agent; either way a killed identity is refused before any mint.
     // Rules that cannot be confirmed fresh fail the exchange closed.
-    let kills = fresh_kills(app).await.map_err(|e| failed_early(app, &req.capability, e))?;
+    let kills = fresh_kills(app).await?;
     let subject = kill_subject(&claims, &agent, &req.capability);
     if let Some(rule) = kills.state.rules.iter().find(|r| r.in_force(now) && r.selector.matches(&subject)) {
         let err = ExchangeError::AccessDenied("this identity is blocked by a kill rule".into());
@@ -149,11 +165,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // the whole check and this read is saved.
     let local = grants.iter().all(|g| app.backends.get(&g.spec.backend()).is_some_and(|b| b.is_local()));
     if let Some(jti) = spent_jti.as_ref().filter(|_| !local || limits.charges_rate()) {
-        let spent = app
-            .ledger
-            .jti_spent(&jti.issuer, &jti.jti, &jti.capability)
-            .await
-            .map_err(|e| failed_early(app, &req.capability, unavailable(&e)))?;
+        let spent = app.ledger.jti_spent(&jti.issuer, &jti.jti, &jti.capability).await.map_err(|e| unavailable(&e))?;
         if spent {
             let err = ExchangeError::InvalidGrant("subject token already used for this capability".into());
             return Err(refuse(app, row, err, "replayed jti".into()).await);
@@ -163,8 +175,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     // The policy's limits, after the kill check (a killed identity hears 403, not "wait"). Rates
     // are counted in the store, so across replicas; `max_active` is checked again, binding, at
     // activation.
-    let over = over_limit(app, &req.capability, &subject, &limits, now).await;
-    if let Some((err, reason, limit)) = over.map_err(|e| failed_early(app, &req.capability, e))? {
+    if let Some((err, reason, limit)) = over_limit(app, &req.capability, &subject, &limits, now).await? {
         let labels = LimitLabels { capability: req.capability.clone(), limit: limit.to_owned() };
         app.metrics.limits_hit.get_or_create(&labels).inc();
         return Err(refuse(app, row, err, reason).await);
@@ -185,8 +196,7 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
     row.expires_at = Some(expires_at);
     if !local {
         let event = exchange_event("exchange.started", &row, now);
-        let recorded = app.ledger.record_intent(&row, &pending, event).await;
-        recorded.map_err(|e| failed_early(app, &req.capability, unavailable(&e)))?;
+        app.ledger.record_intent(&row, &pending, event).await.map_err(|e| unavailable(&e))?;
     }
 
     // Step 6: mint each grant in policy order (aws last); record each handle as it arrives.
@@ -314,7 +324,6 @@ pub async fn exchange(app: &App, req: ExchangeRequest) -> Result<Exchanged, Exch
             return Err(abort(app, &row, local, minted, ExchangeState::Failed, (unavailable(&e), e.to_string())).await);
         }
     }
-    app.metrics.exchanges.get_or_create(&labels(&req.capability, "allowed")).inc();
 
     // Step 8: answer. The secrets leave here, once.
     let first = minted.first().map(|(_, m)| (m.access_token.clone(), m.issued_token_type, m.token_type));
@@ -354,24 +363,10 @@ async fn refuse(app: &App, mut row: ExchangeRow, err: ExchangeError, reason: Str
     event.decision = Some("denied".into());
     event.reason = Some(reason);
     event.detail = Some(json!({ "error": err.code(), "trace": row.trace }));
-    let decision = match err {
-        ExchangeError::AccessDenied(_) => "denied",
-        ExchangeError::SlowDown { .. } => "limited",
-        _ => "invalid",
-    };
-    app.metrics.exchanges.get_or_create(&labels(row.capability.as_deref().unwrap_or(""), decision)).inc();
     if let Err(e) = app.ledger.record_refusal(&row, event).await {
         // The caller is refused either way; a refusal that could not be recorded is loud.
         tracing::error!(request_id = %row.request_id, error = %e, "could not record a refused exchange");
     }
-    err
-}
-
-/// A failure before anything of the exchange could be recorded (the store or the kill rules
-/// cannot be read or written): nothing reaches the ledger, which is what failed, so the metric
-/// and the error log are its record.
-fn failed_early(app: &App, capability: &str, err: ExchangeError) -> ExchangeError {
-    app.metrics.exchanges.get_or_create(&labels(capability, "failed")).inc();
     err
 }
 
@@ -416,8 +411,6 @@ async fn abort(
     if let Err(e) = recorded {
         tracing::error!(exchange_id = %row.id, error = %e, "could not record an aborted exchange; the reconciler will find it");
     }
-    let decision = if state == ExchangeState::Denied { "denied" } else { "failed" };
-    app.metrics.exchanges.get_or_create(&labels(row.capability.as_deref().unwrap_or(""), decision)).inc();
     err
 }
 

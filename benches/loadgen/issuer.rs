@@ -331,13 +331,27 @@ mod tests {
         URL_SAFE_NO_PAD.decode(s).expect("base64url")
     }
 
+    /// The three parts of the compact JWS in an exchange body.
+    fn jws_parts(body: &[u8]) -> Vec<&str> {
+        let parts: Vec<&str> = std::str::from_utf8(token_of(body)).expect("ascii").split('.').collect();
+        assert_eq!(parts.len(), 3);
+        parts
+    }
+
+    /// The minter's own check accepts its token and refuses one with a changed signature.
+    fn assert_self_check(minter: &Minter, body: &[u8]) {
+        minter.check(body).expect("self-check accepts it");
+        let mut forged = body.to_vec();
+        let at = forged.len() - 60;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        assert!(minter.check(&forged).is_err(), "self-check refuses a changed signature");
+    }
+
     #[test]
     fn rs256_tokens_verify_against_the_published_jwk() {
         let minter = Minter::generate("http://127.0.0.1:1", Alg::Rs256).expect("key");
         let body = minter.exchange_body(7, 1_700_000_000).expect("token");
-        let token = std::str::from_utf8(token_of(&body)).expect("ascii");
-        let parts: Vec<&str> = token.split('.').collect();
-        assert_eq!(parts.len(), 3);
+        let parts = jws_parts(&body);
 
         // Rebuild the public key from the JWK's `n` and `e` alone, as a relying party would.
         let jwks = minter.jwks().expect("jwks");
@@ -352,20 +366,14 @@ mod tests {
             .expect("signature verifies");
         let header: Value = serde_json::from_slice(&b64(parts[0])).expect("header");
         assert_eq!((&header["alg"], &header["kid"]), (&json!("RS256"), &jwk["kid"]));
-        minter.check(&body).expect("self-check accepts it");
-        let mut forged = body.clone();
-        let at = forged.len() - 60;
-        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
-        assert!(minter.check(&forged).is_err(), "self-check refuses a changed signature");
+        assert_self_check(&minter, &body);
     }
 
     #[test]
     fn es256_tokens_verify_against_the_published_jwk() {
         let minter = Minter::generate("http://127.0.0.1:1", Alg::Es256).expect("key");
         let body = minter.exchange_body(7, 1_700_000_000).expect("token");
-        let token = std::str::from_utf8(token_of(&body)).expect("ascii");
-        let parts: Vec<&str> = token.split('.').collect();
-        assert_eq!(parts.len(), 3);
+        let parts = jws_parts(&body);
 
         // Rebuild the public key from the JWK alone, as a relying party would.
         let jwks = minter.jwks().expect("jwks");
@@ -393,11 +401,7 @@ mod tests {
         assert_eq!(claims["exp"].as_i64(), Some(1_700_000_000 + TOKEN_LIFETIME_SECS));
         assert_eq!(claims["repository_owner_id"], "1234567");
         assert_eq!(claims["run_id"], "9000000007");
-        minter.check(&body).expect("self-check accepts it");
-        let mut forged = body.clone();
-        let at = forged.len() - 60;
-        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
-        assert!(minter.check(&forged).is_err(), "self-check refuses a changed signature");
+        assert_self_check(&minter, &body);
     }
 
     #[test]

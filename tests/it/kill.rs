@@ -414,8 +414,8 @@ kind = "token"
 policies = ["deploy"]
 "#;
 
-#[tokio::test]
-async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_restart() {
+/// A broker with the `vault-deploy` capability on a [`FlakyVault`], and the double.
+async fn with_flaky_vault() -> (TestApp, Arc<FlakyVault>) {
     let vault = Arc::new(FlakyVault::default());
     let t = TestApp::builder()
         .no_background()
@@ -426,6 +426,12 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
         .backend(vault.clone())
         .start()
         .await;
+    (t, vault)
+}
+
+#[tokio::test]
+async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_restart() {
+    let (t, vault) = with_flaky_vault().await;
     let pr = exchange_pr(&t).await;
     assert_eq!(pr.status, StatusCode::OK, "{}", pr.text);
     let v = t.exchange(&t.token(json!({})), "vault-deploy").await;
@@ -467,16 +473,7 @@ async fn a_failing_backend_holds_up_only_its_own_revocations_which_survive_a_res
 /// it drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_depth_follows_a_long_pass() {
-    let vault = Arc::new(FlakyVault::default());
-    let t = TestApp::builder()
-        .no_background()
-        .policy("vault-deploy.toml", VAULT_POLICY)
-        .config(
-            "[backends.vault]\naddress = \"http://127.0.0.1:1\"\ntoken_role = \"latchkey\"\ntoken_file = \"unused\"\n",
-        )
-        .backend(vault.clone())
-        .start()
-        .await;
+    let (t, vault) = with_flaky_vault().await;
     for _ in 0..5 {
         assert_eq!(exchange_pr(&t).await.status, StatusCode::OK);
     }
