@@ -3,6 +3,7 @@
 //! * Writes go to one writer thread that owns the only writing connection and commits whatever
 //!   is queued in one transaction ([`writer`]); every reply follows a durable COMMIT
 //!   (`synchronous = FULL`).
+//! * WAL checkpoints run on a thread of their own, not inside the writer's commits ([`wal`]).
 //! * Reads go to a small pool of read connections on blocking tasks ([`read`]); WAL lets them
 //!   run beside the writer.
 //! * The database belongs to one process: an exclusive lock on `<db>.lock`, held for the
@@ -17,6 +18,7 @@ mod read;
 mod schema;
 #[cfg(test)]
 mod tests;
+mod wal;
 mod writer;
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -115,9 +117,10 @@ impl SqliteLedger {
         conn.set_prepared_statement_cache_capacity(64);
 
         let head = chain_head(&conn)?;
+        let checkpoints = open_checkpoints(&path)?;
         let readers = ReadPool::open(path, READERS)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let thread = Writer::new(conn, head, lock).spawn(rx)?;
+        let thread = Writer::new(conn, head, lock, checkpoints)?.spawn(rx)?;
         tracing::info!(path = %shown, events = head.seq, "ledger.opened");
         Ok(SqliteLedger { shown, writer: tx, thread: Mutex::new(Some(thread)), readers })
     }
@@ -165,6 +168,16 @@ fn lock(path: &Path, shown: &str) -> Result<File, LedgerError> {
         }
         Err(TryLockError::Error(e)) => Err(LedgerError::Unavailable(format!("{shown}: cannot lock: {e}"))),
     }
+}
+
+/// The checkpointer's connection ([`wal`]): read-write, since a checkpoint writes the database
+/// file, and as durable as the writer's.
+fn open_checkpoints(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(db_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+    Ok(conn)
 }
 
 fn chain_head(conn: &Connection) -> Result<ChainHead, LedgerError> {

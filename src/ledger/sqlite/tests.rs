@@ -456,14 +456,75 @@ async fn concurrent_exchanges_keep_one_chain() {
     assert_eq!(ledger.job_queue_depth().await.unwrap(), n as u64);
 }
 
+/// Under a steady stream of commits the WAL starts over instead of growing: the checkpointer
+/// copies it in the background and the writer catches up between batches.
+#[test]
+fn the_wal_starts_over_instead_of_growing_under_steady_writes() {
+    use super::wal::{BACKGROUND_FRAMES, CATCH_UP_FRAMES};
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = bare_writer(&dir);
+    let pad = "x".repeat(16 * 1024);
+    // 300 commits of ten 16 KiB events: about 12,000 WAL frames, three times the catch-up length.
+    for round in 0..300 {
+        let ops = (0..10).map(|i| {
+            let mut e = event("bulk", t0());
+            e.detail = Some(json!({ "n": round * 10 + i, "pad": pad }));
+            Op::AppendEvent(EventParams::new(&e))
+        });
+        let (mut batch, rxs): (Vec<_>, Vec<_>) = ops.map(command).unzip();
+        writer.run_batch(&mut batch, &mut Vec::new(), || None);
+        assert!(answers(rxs).iter().all(Result::is_ok));
+        writer.catch_up();
+    }
+
+    // The longest the WAL may get: the catch-up length, plus what the checkpointer had not
+    // copied, plus one commit (about 45 frames here).
+    let frame = 4096 + 24;
+    let bound = u64::from(CATCH_UP_FRAMES + BACKGROUND_FRAMES + 100) * frame + 32;
+    let wal = std::fs::metadata(dir.path().join("latchkey.db-wal")).unwrap().len();
+    assert!(wal <= bound, "the WAL grew to {wal} bytes (bound {bound})");
+
+    let conn = raw(&dir);
+    let events = read::events(&conn, 0, 5_000).unwrap();
+    assert_eq!(events.len(), 3_000);
+    verify_chain(GENESIS_HASH, 1, &events).unwrap();
+}
+
+/// Commands that arrive while a batch runs join its transaction, and are answered with it; one
+/// that fails still fails alone, and what had not joined by then waits for the next batch.
+#[test]
+fn commands_arriving_during_a_batch_join_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = bare_writer(&dir);
+    let (mut batch, first) = [append("one")].into_iter().map(command).unzip::<_, _, Vec<_>, Vec<_>>();
+    let (late, late_rxs): (Vec<_>, Vec<_>) =
+        [append("two"), Op::handle(Uuid::new_v4(), &handle(1)), append("three")].into_iter().map(command).unzip();
+    let mut late = late.into_iter();
+    writer.run_batch(&mut batch, &mut Vec::new(), || late.next());
+    assert!(batch.is_empty());
+    assert_eq!(late.len(), 1, "the command after the failing one has not joined");
+    writer.run_batch(&mut batch, &mut Vec::new(), || late.next());
+
+    let got = answers(first.into_iter().chain(late_rxs).collect());
+    assert!(matches!(got[0], Ok(Reply::Done)));
+    assert!(matches!(got[1], Ok(Reply::Done)));
+    assert!(matches!(got[2], Err(LedgerError::NotFound)), "{:?}", got[2]);
+    assert!(matches!(got[3], Ok(Reply::Done)));
+    let events = read::events(&raw(&dir), 0, 10).unwrap();
+    let names: Vec<String> = events.iter().map(|e| e.event().unwrap().event).collect();
+    assert_eq!(names, ["one", "two", "three"]);
+    verify_chain(GENESIS_HASH, 1, &events).unwrap();
+}
+
 /// A writer on its own, to run exact batches.
 fn bare_writer(dir: &TempDir) -> Writer {
     let path = db_path(dir);
     let mut conn = Connection::open(&path).unwrap();
     schema::migrate(&mut conn, 0).unwrap();
     conn.pragma_update(None, "foreign_keys", true).unwrap();
+    let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).unwrap();
     let head = chain_head(&conn).unwrap();
-    Writer::new(conn, head, lock(&path, "test").unwrap())
+    Writer::new(conn, head, lock(&path, "test").unwrap(), open_checkpoints(&path).unwrap()).unwrap()
 }
 
 fn command(op: Op) -> (Command, oneshot::Receiver<Result<Reply, LedgerError>>) {
@@ -515,7 +576,7 @@ fn a_failing_command_rolls_back_alone() {
         append("two"),
     ];
     let (mut batch, rxs): (Vec<_>, Vec<_>) = ops.into_iter().map(command).unzip();
-    writer.run_batch(&mut batch, &mut Vec::new());
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
     let got = answers(rxs);
     assert!(matches!(got[0], Ok(Reply::Done)));
     assert!(matches!(got[1], Ok(Reply::Done)));
@@ -558,7 +619,7 @@ fn an_activation_undone_after_its_first_write_leaves_the_rest_of_its_batch_commi
         append("after"),
     ];
     let (mut batch, rxs): (Vec<_>, Vec<_>) = ops.into_iter().map(command).unzip();
-    writer.run_batch(&mut batch, &mut Vec::new());
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
     let got = answers(rxs);
     assert!(matches!(got[2], Ok(Reply::Activation(Activation::Activated))), "{:?}", got[2]);
     assert!(matches!(got[3], Ok(Reply::Activation(Activation::Replay))), "{:?}", got[3]);
@@ -595,7 +656,7 @@ fn a_failed_commit_fails_the_whole_batch_and_keeps_the_chain() {
     .into_iter()
     .map(command)
     .unzip();
-    writer.run_batch(&mut batch, &mut Vec::new());
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
     assert!(answers(rxs).iter().all(Result::is_ok));
     let head = writer.head_for_tests();
 
@@ -615,13 +676,13 @@ fn a_failed_commit_fails_the_whole_batch_and_keeps_the_chain() {
             .into_iter()
             .map(command)
             .unzip();
-    writer.run_batch(&mut batch, &mut Vec::new());
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
     let got = answers(rxs);
     assert!(got.iter().all(Result::is_err), "every command of a failed commit fails: {got:?}");
     assert_eq!(writer.head_for_tests(), head, "the chain head is back where the batch started");
 
     let (mut batch, rxs): (Vec<_>, Vec<_>) = vec![append("after")].into_iter().map(command).unzip();
-    writer.run_batch(&mut batch, &mut Vec::new());
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
     assert!(answers(rxs).iter().all(Result::is_ok));
     let events = read::events(&raw(&dir), 0, 100).unwrap();
     let names: Vec<String> = events.iter().map(|e| e.event().unwrap().event).collect();

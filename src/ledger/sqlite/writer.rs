@@ -1,8 +1,9 @@
 //! The writer thread: the only connection that writes, and group commit.
 //!
 //! Callers send [`Command`]s over a bounded channel. The writer takes every command already
-//! queued (up to [`MAX_BATCH`]) and runs them in ONE `BEGIN IMMEDIATE … COMMIT`, so one fsync
-//! makes a whole batch durable. A command that fails (or answers "nothing changed", like a
+//! queued, and those that arrive while it runs them (up to [`MAX_BATCH`]), in ONE
+//! `BEGIN IMMEDIATE … COMMIT`, so one fsync makes a whole batch durable. Between batches it may
+//! finish a WAL checkpoint ([`super::wal`]). A command that fails (or answers "nothing changed", like a
 //! killed activation) rolls back alone and the rest of the batch commits.
 //!
 //! The batch first runs as it nearly always ends: every command keeping its changes, with no
@@ -27,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::db_err;
 use super::ops::Tx;
+use super::wal::{self, Checkpointer, WalLength};
 use crate::ledger::LedgerError;
 use crate::ledger::command::{Op, Reply};
 use crate::ledger::rows::copy_err;
@@ -52,14 +54,27 @@ pub(super) struct ChainHead {
 pub(super) struct Writer {
     conn: Connection,
     head: ChainHead,
+    /// The WAL's length after the last commit, and the thread that checkpoints it (declared after
+    /// `conn`, so that the writer's connection closes first).
+    wal: WalLength,
+    _checkpointer: Checkpointer,
     /// The exclusive lock on the database's sidecar lock file. Declared after `conn` so that it
     /// is released only once the connection is closed.
     _lock: File,
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, head: ChainHead, lock: File) -> Self {
-        Writer { conn, head, _lock: lock }
+    /// A writer on `conn`, whose WAL `checkpoints` (a second read-write connection to the same
+    /// database) checkpoints in the background.
+    pub(super) fn new(
+        mut conn: Connection,
+        head: ChainHead,
+        lock: File,
+        checkpoints: Connection,
+    ) -> Result<Self, LedgerError> {
+        let checkpointer = Checkpointer::start(checkpoints)?;
+        let wal = wal::watch(&mut conn, &checkpointer)?;
+        Ok(Writer { conn, head, wal, _checkpointer: checkpointer, _lock: lock })
     }
 
     /// Starts the writer thread. It runs until every sender is dropped.
@@ -83,7 +98,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.run_batch(&mut batch, &mut answers);
+            self.run_batch(&mut batch, &mut answers, || rx.try_recv().ok());
+            self.catch_up();
+        }
+    }
+
+    /// Between two batches, once the WAL is long: checkpoints what the checkpointer has not
+    /// copied yet, so that the next transaction starts the WAL over ([`wal`]).
+    pub(super) fn catch_up(&mut self) {
+        if self.wal.needs_catch_up()
+            && let Err(e) = wal::checkpoint(&self.conn)
+        {
+            tracing::warn!(error = %e, "ledger.checkpoint_failed");
         }
     }
 
@@ -105,22 +131,34 @@ impl Writer {
         &mut self,
         batch: &mut Vec<Command>,
         answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>,
+        more: impl FnMut() -> Option<Command>,
     ) {
-        if !self.run_unguarded(batch) {
+        if !self.run_unguarded(batch, more) {
             self.run_guarded(batch, answers);
         }
     }
 
-    /// Runs the batch in one transaction without savepoints, and answers it. Returns false,
-    /// with nothing changed and no command answered, as soon as a command fails or undoes
-    /// itself (or the transaction cannot begin): the batch must then run guarded.
-    fn run_unguarded(&mut self, batch: &mut Vec<Command>) -> bool {
+    /// Runs the batch in one transaction without savepoints, and answers it. Commands that
+    /// arrive (`more`) while it runs join it before the COMMIT, up to [`MAX_BATCH`]: they share
+    /// its fsync instead of waiting for the next. Returns false, with nothing changed and no
+    /// command answered, as soon as a command fails or undoes itself (or the transaction cannot
+    /// begin): the batch (with the commands that joined it) must then run guarded.
+    fn run_unguarded(&mut self, batch: &mut Vec<Command>, mut more: impl FnMut() -> Option<Command>) -> bool {
         let start = self.head;
         if self.control("BEGIN IMMEDIATE").is_err() {
             return false;
         }
         let mut replies = Vec::with_capacity(batch.len());
-        for cmd in batch.iter() {
+        let mut next = 0;
+        loop {
+            if next == batch.len() {
+                match (batch.len() < MAX_BATCH).then(&mut more).flatten() {
+                    Some(cmd) => batch.push(cmd),
+                    None => break,
+                }
+            }
+            let cmd = &batch[next];
+            next += 1;
             let mut tx = Tx { conn: &self.conn, head: &mut self.head };
             match catch_unwind(AssertUnwindSafe(|| tx.apply(&cmd.op))) {
                 Ok(Ok(applied)) if applied.keep => replies.push(applied.reply),
