@@ -516,6 +516,25 @@ fn commands_arriving_during_a_batch_join_it() {
     verify_chain(GENESIS_HASH, 1, &events).unwrap();
 }
 
+/// A transaction left open (as when a ROLLBACK fails on an I/O error) is rolled back before the
+/// next batch, instead of making every later batch fail to begin; nothing of it is kept.
+#[test]
+fn a_transaction_left_open_does_not_wedge_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = bare_writer(&dir);
+    writer.conn_for_tests().execute_batch("BEGIN; DELETE FROM kill_epoch;").unwrap();
+
+    let (mut batch, rxs): (Vec<_>, Vec<_>) = [append("after")].into_iter().map(command).unzip();
+    writer.run_batch(&mut batch, &mut Vec::new(), || None);
+    assert!(matches!(answers(rxs)[0], Ok(Reply::Done)));
+
+    let conn = raw(&dir);
+    assert_eq!(count(&conn, "SELECT COUNT(*) FROM kill_epoch"), 1, "the stale transaction was rolled back");
+    let events = read::events(&conn, 0, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    verify_chain(GENESIS_HASH, 1, &events).unwrap();
+}
+
 /// A writer on its own, to run exact batches.
 fn bare_writer(dir: &TempDir) -> Writer {
     let path = db_path(dir);

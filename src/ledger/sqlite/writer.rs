@@ -123,6 +123,16 @@ impl Writer {
         &self.conn
     }
 
+    /// Starts a batch's transaction. A transaction still open here is one whose ROLLBACK failed
+    /// (an I/O error): it is rolled back first, or every later batch would fail to begin.
+    fn begin(&self) -> Result<(), LedgerError> {
+        if !self.conn.is_autocommit() {
+            tracing::warn!("ledger.stale_transaction_rolled_back");
+            self.control("ROLLBACK")?;
+        }
+        self.control("BEGIN IMMEDIATE")
+    }
+
     fn control(&self, sql: &str) -> Result<(), LedgerError> {
         self.conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(|_| ()).map_err(db_err)
     }
@@ -145,7 +155,7 @@ impl Writer {
     /// begin): the batch (with the commands that joined it) must then run guarded.
     fn run_unguarded(&mut self, batch: &mut Vec<Command>, mut more: impl FnMut() -> Option<Command>) -> bool {
         let start = self.head;
-        if self.control("BEGIN IMMEDIATE").is_err() {
+        if self.begin().is_err() {
             return false;
         }
         let mut replies = Vec::with_capacity(batch.len());
@@ -194,7 +204,7 @@ impl Writer {
     /// Runs the batch with each command in its own savepoint, and answers it.
     fn run_guarded(&mut self, batch: &mut Vec<Command>, answers: &mut Vec<(ReplyTx, Result<Reply, LedgerError>)>) {
         let mut start = self.head;
-        if let Err(e) = self.control("BEGIN IMMEDIATE") {
+        if let Err(e) = self.begin() {
             for cmd in batch.drain(..) {
                 let _ = cmd.reply.send(Err(copy_err(&e)));
             }
@@ -238,7 +248,7 @@ impl Writer {
                     };
                     let _ = reply.send(result);
                 }
-                if let Err(e) = self.control("BEGIN IMMEDIATE") {
+                if let Err(e) = self.begin() {
                     for cmd in commands.by_ref() {
                         let _ = cmd.reply.send(Err(copy_err(&e)));
                     }
