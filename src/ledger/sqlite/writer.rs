@@ -3,8 +3,8 @@
 //! Callers send [`Command`]s over a bounded channel. The writer takes every command already
 //! queued, and those that arrive while it runs them (up to [`MAX_BATCH`]), in ONE
 //! `BEGIN IMMEDIATE … COMMIT`, so one fsync makes a whole batch durable. Between batches it may
-//! finish a WAL checkpoint ([`super::wal`]). A command that fails (or answers "nothing changed", like a
-//! killed activation) rolls back alone and the rest of the batch commits.
+//! finish a WAL checkpoint ([`super::wal`]). A command that fails (or answers "nothing changed",
+//! like a killed activation) rolls back alone and the rest of the batch commits.
 //!
 //! The batch first runs as it nearly always ends: every command keeping its changes, with no
 //! savepoint between them (a savepoint copies each page a command touches into the statement
@@ -58,14 +58,16 @@ pub(super) struct Writer {
     /// `conn`, so that the writer's connection closes first).
     wal: WalLength,
     _checkpointer: Checkpointer,
+    /// Whether the last catch-up failed (a full disk): logged once, not once per batch.
+    catch_up_failing: bool,
     /// The exclusive lock on the database's sidecar lock file. Declared after `conn` so that it
     /// is released only once the connection is closed.
     _lock: File,
 }
 
 impl Writer {
-    /// A writer on `conn`, whose WAL `checkpoints` (a second read-write connection to the same
-    /// database) checkpoints in the background.
+    /// A writer on `conn`. `checkpoints`, a second read-write connection to the same database,
+    /// goes to the thread that checkpoints the WAL in the background.
     pub(super) fn new(
         mut conn: Connection,
         head: ChainHead,
@@ -74,7 +76,7 @@ impl Writer {
     ) -> Result<Self, LedgerError> {
         let checkpointer = Checkpointer::start(checkpoints)?;
         let wal = wal::watch(&mut conn, &checkpointer)?;
-        Ok(Writer { conn, head, wal, _checkpointer: checkpointer, _lock: lock })
+        Ok(Writer { conn, head, wal, _checkpointer: checkpointer, catch_up_failing: false, _lock: lock })
     }
 
     /// Starts the writer thread. It runs until every sender is dropped.
@@ -106,10 +108,19 @@ impl Writer {
     /// Between two batches, once the WAL is long: checkpoints what the checkpointer has not
     /// copied yet, so that the next transaction starts the WAL over ([`wal`]).
     pub(super) fn catch_up(&mut self) {
-        if self.wal.needs_catch_up()
-            && let Err(e) = wal::checkpoint(&self.conn)
-        {
-            tracing::warn!(error = %e, "ledger.checkpoint_failed");
+        if !self.wal.needs_catch_up() {
+            return;
+        }
+        match wal::checkpoint(&self.conn) {
+            Err(e) if !self.catch_up_failing => {
+                self.catch_up_failing = true;
+                tracing::warn!(error = %e, "ledger.checkpoint_failed");
+            }
+            Ok(()) if self.catch_up_failing => {
+                self.catch_up_failing = false;
+                tracing::info!("ledger.checkpoint_recovered");
+            }
+            _ => {}
         }
     }
 
