@@ -26,6 +26,14 @@ use crate::seal::Sealer;
 /// another replica announces a change.
 pub const KILL_FRESHNESS: Duration = Duration::from_secs(1);
 
+/// How often every issuer's keys are fetched: a rotation is seen before its first token, and an
+/// issuer's outage shows in its health within this long (one small GET per issuer and replica).
+const KEY_REFRESH: Duration = Duration::from_secs(60);
+
+/// How often an issuer whose last fetch failed is tried again, so that its recovery shows as
+/// soon; the same floor as fetches caused by unknown keys.
+const KEY_RETRY: Duration = Duration::from_secs(crate::oidc::MIN_REFRESH_INTERVAL_SECS.unsigned_abs());
+
 /// What the policy loader needs from the configuration. Vault's token role is not read here
 /// (`policy check` works offline): see [`app_policy_context`].
 pub fn policy_context(config: &Config) -> LoadContext {
@@ -387,8 +395,9 @@ pub async fn start(app: AppState, dev_issuer: Option<DevIssuer>, background: boo
         crate::worker::spawn_all(&app);
         crate::checkpoint::spawn_periodic(&app);
         crate::stream::spawn(&app)?;
-        // Keys an issuer publishes ahead of a rotation are picked up before its first token.
-        app.verifier.spawn_periodic_refresh(Duration::from_secs(300));
+        // Keys an issuer publishes ahead of a rotation are picked up before its first token, and
+        // an issuer's outage shows in /readyz and latchkey_issuer_up within a minute.
+        app.verifier.spawn_periodic_refresh(KEY_REFRESH, KEY_RETRY);
     }
     Ok(Running { addr, admin_addr, tls, handle, admin_handle, tasks })
 }

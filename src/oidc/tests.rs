@@ -1079,6 +1079,8 @@ struct CountingSource {
     keys: Mutex<JwkSet>,
     fetches: AtomicUsize,
     delay: Duration,
+    /// While set, fetches fail as an unreachable issuer's do.
+    down: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -1086,6 +1088,9 @@ impl KeySource for CountingSource {
     async fn fetch(&self) -> Result<JwkSet, OidcError> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(OidcError::Fetch { what: "JWKS", reason: "connection refused".into() });
+        }
         Ok(self.keys.lock().unwrap().clone())
     }
 }
@@ -1119,8 +1124,40 @@ async fn concurrent_tokens_under_a_new_key_share_one_refresh() {
 async fn periodic_refresh_keeps_fetching() {
     let source = Arc::new(CountingSource::default());
     let v = verifier(&[issuer_config("dev", "http://127.0.0.1:1")], &clock()).with_key_source("dev", source.clone());
-    let task = v.spawn_periodic_refresh(Duration::from_millis(20));
+    let task = v.spawn_periodic_refresh(Duration::from_millis(20), Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(150)).await;
     task.abort();
     assert!(source.fetches.load(Ordering::SeqCst) >= 3);
+}
+
+/// An issuer that fails its refresh is tried again at the shorter retry period, so its health
+/// recovers long before the next full refresh; a healthy issuer is not fetched in between.
+#[tokio::test]
+async fn a_failing_issuer_is_retried_sooner_than_the_full_refresh() {
+    let k = keys();
+    let source = Arc::new(CountingSource::default());
+    *source.keys.lock().unwrap() = jwk_set(&[&k.rsa1]);
+    let v = verifier(&[issuer_config("dev", "http://127.0.0.1:1")], &clock()).with_key_source("dev", source.clone());
+    v.refresh_all().await;
+    let health = || v.health().into_iter().next().unwrap();
+    assert!(health().last_error.is_none());
+
+    let task = v.spawn_periodic_refresh(Duration::from_millis(400), Duration::from_millis(20));
+    // Healthy: nothing is fetched before the full refresh.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+
+    // Down at the full refresh: the failure shows, and is retried every 20 ms.
+    source.down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(health().last_error.is_some(), "the failed refresh shows in the issuer's health");
+    let failing_fetches = source.fetches.load(Ordering::SeqCst);
+    assert!(failing_fetches >= 5, "retried while failing: {failing_fetches} fetches");
+    assert_eq!(health().keys, 1, "cached keys kept");
+
+    // Back: healthy again within a retry period or two, long before the next full refresh.
+    source.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    task.abort();
+    assert!(health().last_error.is_none(), "recovered: {:?}", health().last_error);
 }

@@ -261,8 +261,17 @@ impl Verifier {
     /// Fetches every issuer's keys now, concurrently. Failures are recorded in
     /// [`Verifier::health`], not returned: one issuer's outage must not stop start-up.
     pub async fn refresh_all(&self) {
+        self.refresh_where(|_| true).await;
+    }
+
+    /// Refreshes the issuers whose last refresh failed.
+    async fn refresh_failing(&self) {
+        self.refresh_where(|issuer| issuer.stats().last_error.is_some()).await;
+    }
+
+    async fn refresh_where(&self, due: impl Fn(&Issuer) -> bool) {
         let mut tasks = tokio::task::JoinSet::new();
-        for issuer in &self.inner.issuers {
+        for issuer in self.inner.issuers.iter().filter(|i| due(i)) {
             let issuer = issuer.clone();
             let clock = self.inner.clock.clone();
             tasks.spawn(async move {
@@ -274,16 +283,26 @@ impl Verifier {
     }
 
     /// Refreshes every issuer's keys every `every`, so that rotations are picked up before the
-    /// first token under a new key arrives. Stops when the returned handle is aborted.
-    pub fn spawn_periodic_refresh(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// first token under a new key arrives and an issuer's outage shows in its health, and
+    /// refreshes an issuer whose last refresh failed every `retry` (at most `every`), so that
+    /// its recovery shows as soon. Stops when the returned handle is aborted.
+    pub fn spawn_periodic_refresh(&self, every: Duration, retry: Duration) -> tokio::task::JoinHandle<()> {
         let verifier = self.clone();
+        let retry = retry.min(every);
         tokio::spawn(async move {
             // The first refresh is one period away: start-up has just fetched every issuer's keys.
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let start = tokio::time::Instant::now();
+            let mut next_full = start + every;
+            let mut ticks = tokio::time::interval_at(start + retry, retry);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticks.tick().await;
-                verifier.refresh_all().await;
+                let now = ticks.tick().await;
+                if now >= next_full {
+                    next_full = now + every;
+                    verifier.refresh_all().await;
+                } else {
+                    verifier.refresh_failing().await;
+                }
             }
         })
     }
