@@ -389,3 +389,73 @@ async fn a_read_only_store_fails_writes_closed_and_recovers() {
     drop(ledger);
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&mut admin).await.unwrap();
 }
+
+/// A store of schema version 3 (before each backend had its own job queue) upgraded by
+/// `latchkey migrate`: the jobs it already held are given their credential's backend, so each
+/// backend's worker still finds its own and no other.
+#[tokio::test]
+async fn an_upgrade_gives_queued_jobs_their_credentials_backend() {
+    let Some(url) = schema_url().await else { return };
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    for sql in [
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+        include_str!("../../migrations/postgres/0002_limits.sql"),
+        include_str!("../../migrations/postgres/0003_signing_key_retirement.sql"),
+        "CREATE TABLE latchkey_schema (version BIGINT NOT NULL); INSERT INTO latchkey_schema VALUES (3);",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    }
+    let now = Utc::now();
+    let ts = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let exchange = Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO exchanges (id, request_id, created_at, state, claims, trace) \
+         VALUES ($1, 'req-old', $2, 'allowed', '{}', '[]')",
+    )
+    .bind(&exchange)
+    .bind(ts(now))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut jobs = Vec::new();
+    for backend in ["vault", "github", "aws"] {
+        let credential = Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO credentials (id, exchange_id, name, backend, state, agent, capability, issuer, subject, \
+             created_at, expires_at) VALUES ($1, $2, $3, $3, 'active', 'a', 'c', 'i', 's', $4, $5)",
+        )
+        .bind(&credential)
+        .bind(&exchange)
+        .bind(backend)
+        .bind(ts(now))
+        .bind(ts(now + chrono::Duration::minutes(10)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let job = Uuid::now_v7();
+        sqlx::query("INSERT INTO jobs (id, kind, credential_id, run_at) VALUES ($1, 'revoke', $2, $3)")
+            .bind(job.to_string())
+            .bind(&credential)
+            .bind(ts(now - chrono::Duration::seconds(1)))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        jobs.push(job);
+    }
+
+    let ledger = latchkey::ledger::open(&url, true, &Settings::default()).await.unwrap();
+    let lease = now + chrono::Duration::minutes(2);
+    let claimed = |backend| {
+        let ledger = ledger.clone();
+        async move {
+            ledger.claim_jobs(now, backend, 10, lease).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(claimed(BackendKind::Jwt).await, Vec::<Uuid>::new());
+    assert_eq!(claimed(BackendKind::Vault).await, [jobs[0]]);
+    assert_eq!(claimed(BackendKind::Github).await, [jobs[1]]);
+    assert_eq!(claimed(BackendKind::Aws).await, [jobs[2]]);
+    let unset: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE backend = ''").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(unset, 0);
+}

@@ -992,3 +992,57 @@ async fn a_release_revokes_active_and_marks_pending_once_then_writes_nothing() {
     assert_eq!(events(&dir), after_mark, "marking again writes nothing");
     assert_eq!(verified_events(&ledger).await.iter().filter(|e| e.body.contains("exchange.released")).count(), 2);
 }
+
+/// A file of schema version 5 (before each backend had its own job queue) upgraded by
+/// `latchkey migrate`: the jobs it already held are given their credential's backend, so each
+/// backend's worker still finds its own and no other.
+#[tokio::test]
+async fn an_upgrade_gives_queued_jobs_their_credentials_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = Utc::now();
+    let mut jobs = Vec::new();
+    {
+        let conn = Connection::open(db_path(&dir)).unwrap();
+        for (_, sql) in &schema::MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        let exchange = Uuid::now_v7().to_string();
+        conn.execute(
+            "INSERT INTO exchanges (id, request_id, created_at, state, claims, trace) \
+             VALUES (?1, 'req-old', ?2, 'allowed', '{}', '[]')",
+            rusqlite::params![exchange, ts(now)],
+        )
+        .unwrap();
+        for backend in ["vault", "github", "aws"] {
+            let credential = Uuid::now_v7().to_string();
+            conn.execute(
+                "INSERT INTO credentials (id, exchange_id, name, backend, state, agent, capability, issuer, subject, \
+                 created_at, expires_at) VALUES (?1, ?2, ?3, ?3, 'active', 'a', 'c', 'i', 's', ?4, ?5)",
+                rusqlite::params![credential, exchange, backend, ts(now), ts(now + Duration::minutes(10))],
+            )
+            .unwrap();
+            let job = Uuid::now_v7();
+            conn.execute(
+                "INSERT INTO jobs (id, kind, credential_id, run_at) VALUES (?1, 'revoke', ?2, ?3)",
+                rusqlite::params![job.to_string(), credential, ts(now - Duration::seconds(1))],
+            )
+            .unwrap();
+            jobs.push(job);
+        }
+    }
+
+    let ledger = open(&db_path(&dir), true).await.unwrap();
+    let lease = now + Duration::minutes(2);
+    for (backend, expected) in [
+        (BackendKind::Jwt, vec![]),
+        (BackendKind::Vault, vec![jobs[0]]),
+        (BackendKind::Github, vec![jobs[1]]),
+        (BackendKind::Aws, vec![jobs[2]]),
+    ] {
+        let claimed: Vec<Uuid> =
+            ledger.claim_jobs(now, backend, 10, lease).await.unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(claimed, expected, "{backend:?}");
+    }
+    assert_eq!(count(&raw(&dir), "SELECT COUNT(*) FROM jobs WHERE backend = ''"), 0);
+}
