@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use self::codec::{Cols, db_err, hash_from_hex, id, query_opt, ts};
-use self::read::{BUSY_TIMEOUT, ReadPool};
+use self::read::{ReadPool, connect};
 use self::writer::{ChainHead, Command, Writer};
 use super::command::{CredentialParams, EventParams, ExchangeParams, JobParams, Op, Reply};
 use super::{
@@ -89,12 +89,11 @@ impl SqliteLedger {
         }
         let lock = lock(&path, &shown)?;
 
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE;
         if migrate {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let mut conn = Connection::open_with_flags(&path, flags).map_err(db_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let mut conn = connect(&path, flags)?;
         let current = schema::version(&conn)?;
         schema::check(current, migrate, &shown)?;
 
@@ -173,9 +172,7 @@ fn lock(path: &Path, shown: &str) -> Result<File, LedgerError> {
 /// The checkpointer's connection ([`wal`]): read-write, since a checkpoint writes the database
 /// file, and as durable as the writer's.
 fn open_checkpoints(path: &Path) -> Result<Connection, LedgerError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(db_err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    let conn = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
     Ok(conn)
 }
@@ -215,9 +212,7 @@ pub fn backup(path: &Path, to: &Path) -> Result<BackupReport, LedgerError> {
     if to.exists() {
         return Err(LedgerError::Conflict(format!("{} exists; a backup never overwrites a file", to.display())));
     }
-    let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(db_err)?;
-    source.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    let source = connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     if schema::version(&source)? == 0 {
         return Err(LedgerError::Schema(format!("{} has no latchkey schema", path.display())));
     }
@@ -270,10 +265,7 @@ impl AuditFile {
         if !path.exists() {
             return Err(LedgerError::Unavailable(format!("{} does not exist", path.display())));
         }
-        let conn =
-            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(db_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+        let conn = connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let version = schema::version(&conn)?;
         if version == 0 {
             return Err(LedgerError::Schema(format!("{} has no latchkey schema", path.display())));

@@ -3,7 +3,7 @@
 //! WAL lets readers run beside the writer: a read sees the last committed state and never waits
 //! for (or holds up) a batch being written.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,10 +70,16 @@ impl ReadPool {
     }
 }
 
-fn open_reader(path: &PathBuf) -> Result<Connection, LedgerError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(db_err)?;
+/// A connection to the database at `path` with `flags` (each used by one thread at a time), that
+/// waits up to [`BUSY_TIMEOUT`] for a lock another connection holds.
+pub(super) fn connect(path: &Path, flags: OpenFlags) -> Result<Connection, LedgerError> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(db_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     // A read connection must never write, whatever a bug asks of it.
     conn.pragma_update(None, "query_only", true).map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(32);

@@ -50,8 +50,8 @@ impl WalLength {
 }
 
 /// Makes `conn` (the writer's connection) report its WAL's length after each commit and wake
-/// `checkpointer` every [`BACKGROUND_FRAMES`] frames. This turns SQLite's automatic checkpoint
-/// off: the hook is what runs it.
+/// `checkpointer` every [`BACKGROUND_FRAMES`] frames. SQLite's automatic checkpoint is itself a
+/// WAL hook, so this hook replaces it.
 pub(super) fn watch(conn: &mut Connection, checkpointer: &Checkpointer) -> Result<WalLength, LedgerError> {
     let length = WalLength::default();
     let seen = length.clone();
