@@ -460,12 +460,13 @@ async fn concurrent_exchanges_keep_one_chain() {
 /// copies it in the background and the writer catches up between batches.
 #[test]
 fn the_wal_starts_over_instead_of_growing_under_steady_writes() {
-    use super::wal::{BACKGROUND_FRAMES, CATCH_UP_FRAMES};
+    use super::wal::{BACKGROUND_FRAMES, FORCE_FRAMES};
     let dir = tempfile::tempdir().unwrap();
     let mut writer = bare_writer(&dir);
     let pad = "x".repeat(16 * 1024);
-    // 300 commits of ten 16 KiB events: about 12,000 WAL frames, three times the catch-up length.
-    for round in 0..300 {
+    // 1,000 commits of ten 16 KiB events: about 40,000 WAL frames, two and a half times the
+    // length at which the writer catches up whatever the checkpointer has copied.
+    for round in 0..1_000 {
         let ops = (0..10).map(|i| {
             let mut e = event("bulk", t0());
             e.detail = Some(json!({ "n": round * 10 + i, "pad": pad }));
@@ -477,17 +478,35 @@ fn the_wal_starts_over_instead_of_growing_under_steady_writes() {
         writer.catch_up();
     }
 
-    // The longest the WAL may get: the catch-up length, plus what the checkpointer had not
-    // copied, plus one commit (about 45 frames here).
+    // The longest the WAL may get, however far behind the checkpointer is: the forced catch-up's
+    // length plus a few commits (about 45 frames each here). A checkpointer that keeps up keeps it
+    // near 4,000 frames.
     let frame = 4096 + 24;
-    let bound = u64::from(CATCH_UP_FRAMES + BACKGROUND_FRAMES + 100) * frame + 32;
+    let bound = u64::from(FORCE_FRAMES + BACKGROUND_FRAMES) * frame + 32;
     let wal = std::fs::metadata(dir.path().join("latchkey.db-wal")).unwrap().len();
     assert!(wal <= bound, "the WAL grew to {wal} bytes (bound {bound})");
 
     let conn = raw(&dir);
-    let events = read::events(&conn, 0, 5_000).unwrap();
-    assert_eq!(events.len(), 3_000);
+    let events = read::events(&conn, 0, 20_000).unwrap();
+    assert_eq!(events.len(), 10_000);
     verify_chain(GENESIS_HASH, 1, &events).unwrap();
+}
+
+/// The writer catches up (and every caller waits for it) once the WAL is long and the
+/// checkpointer has copied nearly all of it, or once it is very long whatever is copied; never
+/// while the checkpointer is far behind (it would copy and sync thousands of pages itself) or
+/// while the WAL is short.
+#[test]
+fn the_writer_catches_up_when_little_is_left_to_copy() {
+    use super::wal::{CATCH_UP_FRAMES, CHEAP_FRAMES, FORCE_FRAMES, catch_up_due};
+    assert!(!catch_up_due(CATCH_UP_FRAMES - 1, CATCH_UP_FRAMES - 1), "a short WAL");
+    assert!(catch_up_due(CATCH_UP_FRAMES, CATCH_UP_FRAMES - CHEAP_FRAMES), "a long WAL nearly all copied");
+    assert!(catch_up_due(CATCH_UP_FRAMES + 1_000, CATCH_UP_FRAMES + 1_000), "a long WAL all copied");
+    assert!(!catch_up_due(CATCH_UP_FRAMES, CATCH_UP_FRAMES - CHEAP_FRAMES - 1), "the checkpointer is behind");
+    assert!(!catch_up_due(FORCE_FRAMES - 1, 0), "the checkpointer is far behind");
+    assert!(catch_up_due(FORCE_FRAMES, 0), "a WAL too long to wait for the checkpointer");
+    // A count left over from before the WAL started over is larger than its length.
+    assert!(!catch_up_due(CATCH_UP_FRAMES - 1, FORCE_FRAMES));
 }
 
 /// Commands that arrive while a batch runs join its transaction, and are answered with it; one

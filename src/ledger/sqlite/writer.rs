@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::codec::db_err;
 use super::ops::Tx;
-use super::wal::{self, Checkpointer, WalLength};
+use super::wal::{self, Checkpointer, WalState};
 use crate::ledger::LedgerError;
 use crate::ledger::command::{Op, Reply};
 use crate::ledger::rows::copy_err;
@@ -54,9 +54,9 @@ pub(super) struct ChainHead {
 pub(super) struct Writer {
     conn: Connection,
     head: ChainHead,
-    /// The WAL's length after the last commit, and the thread that checkpoints it (declared after
-    /// `conn`, so that the writer's connection closes first).
-    wal: WalLength,
+    /// The WAL's length and how much of it is copied, and the thread that checkpoints it
+    /// (declared after `conn`, so that the writer's connection closes first).
+    wal: WalState,
     _checkpointer: Checkpointer,
     /// Whether the last catch-up failed (a full disk): logged once, not once per batch.
     catch_up_failing: bool,
@@ -105,18 +105,22 @@ impl Writer {
         }
     }
 
-    /// Between two batches, once the WAL is long: checkpoints what the checkpointer has not
-    /// copied yet, so that the next transaction starts the WAL over ([`wal`]).
+    /// Between two batches, once the WAL is long and the checkpointer has copied nearly all of
+    /// it: checkpoints the rest, so that the next transaction starts the WAL over ([`wal`]).
     pub(super) fn catch_up(&mut self) {
-        if !self.wal.needs_catch_up() {
+        if !self.wal.catch_up_due() {
             return;
         }
-        match wal::checkpoint(&self.conn) {
+        let result = wal::checkpoint(&self.conn);
+        if let Ok(Some(copied)) = result {
+            self.wal.checkpointed(copied);
+        }
+        match result {
             Err(e) if !self.catch_up_failing => {
                 self.catch_up_failing = true;
                 tracing::warn!(error = %e, "ledger.checkpoint_failed");
             }
-            Ok(()) if self.catch_up_failing => {
+            Ok(_) if self.catch_up_failing => {
                 self.catch_up_failing = false;
                 tracing::info!("ledger.checkpoint_recovered");
             }
