@@ -11,6 +11,8 @@
 //! a second load, in the same run, calls moto's `AssumeRole` directly with what latchkey sends:
 //! the difference is what latchkey adds to the backend. See docs/BENCHMARKS.md.
 
+#[path = "loadgen/http1.rs"]
+mod http1;
 #[path = "loadgen/issuer.rs"]
 mod issuer;
 #[path = "loadgen/load.rs"]

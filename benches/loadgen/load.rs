@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::http1::{Http1, Http1Error};
 use crate::procfs::{self, CoresUsed, CpuSnapshot};
 
 /// How many error bodies are kept for the report.
@@ -121,36 +122,35 @@ struct WorkerStats {
     exhausted: bool,
 }
 
-/// One keep-alive HTTP/1.1 connection per worker: a client of its own, whose pool holds the one
-/// connection the closed loop reuses.
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .no_proxy()
-        .http1_only()
-        .pool_max_idle_per_host(1)
-        .pool_idle_timeout(None)
-        .tcp_nodelay(true)
-        .timeout(REQUEST_TIMEOUT)
-        .build()?)
-}
-
-async fn worker(client: reqwest::Client, call: Call, shared: Arc<Shared>) -> WorkerStats {
+/// One closed loop. An exchange loop has one keep-alive connection of its own ([`Http1`]).
+async fn worker(call: Call, shared: Arc<Shared>) -> WorkerStats {
     let mut stats = WorkerStats { latencies_ns: Vec::with_capacity(64 * 1024), ..WorkerStats::default() };
+    let mut connection = match &call {
+        Call::Exchange(url) => match Http1::new(url) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                shared.keep_error(format!("{e:#}"));
+                return stats;
+            }
+        },
+        Call::AssumeRole(_) => None,
+    };
     loop {
         if Instant::now() >= shared.stop_at || shared.abort.load(Ordering::Relaxed) {
             break;
         }
         let sent;
-        let answer = match &call {
-            Call::Exchange(url) => {
+        let answer = match (&call, connection.as_mut()) {
+            (Call::Exchange(_), Some(connection)) => {
                 let Some(body) = shared.next_body() else {
                     stats.exhausted = true;
                     break;
                 };
                 sent = Instant::now();
-                exchange(&client, url, body).await
+                exchange(connection, &body).await
             }
-            Call::AssumeRole(direct) => {
+            (Call::Exchange(_), None) => break,
+            (Call::AssumeRole(direct), _) => {
                 shared.taken.fetch_add(1, Ordering::Relaxed);
                 sent = Instant::now();
                 direct.call().await
@@ -190,32 +190,26 @@ pub struct Failure {
 
 /// One exchange. Success is a 200 whose body carries an `access_token`; anything else is an
 /// error, including a 200 without one.
-async fn exchange(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), Failure> {
-    let transport = |e: reqwest::Error| {
-        let kind = if e.is_timeout() {
-            "transport: timeout"
-        } else if e.is_connect() {
-            "transport: connect"
-        } else {
-            "transport: other"
-        };
-        Failure { kind: kind.into(), message: format!("{kind}: {:#}", anyhow::Error::from(e)) }
+async fn exchange(connection: &mut Http1, form: &[u8]) -> Result<(), Failure> {
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, connection.post_form(form)).await;
+    let (status, body) = match answer {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            let kind = if matches!(e, Http1Error::Connect(_)) { "transport: connect" } else { "transport: other" };
+            return Err(Failure { kind: kind.into(), message: format!("{kind}: {e}") });
+        }
+        Err(_) => {
+            // The connection is mid-request: the next one starts over.
+            connection.reset();
+            let kind = "transport: timeout";
+            return Err(Failure { kind: kind.into(), message: format!("{kind}: no answer in {REQUEST_TIMEOUT:?}") });
+        }
     };
-    let response = client
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .map_err(transport)?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(transport)?;
-    if status == reqwest::StatusCode::OK && contains(&bytes, b"\"access_token\"") {
+    if status == 200 && contains(body, b"\"access_token\"") {
         return Ok(());
     }
-    let kind =
-        if status == reqwest::StatusCode::OK { "200 without access_token".into() } else { status.as_u16().to_string() };
-    let text = String::from_utf8_lossy(&bytes);
+    let kind = if status == 200 { "200 without access_token".into() } else { status.to_string() };
+    let text = String::from_utf8_lossy(body);
     let shown: String = text.chars().take(400).collect();
     Err(Failure { kind, message: format!("HTTP {status}: {shown}") })
 }
@@ -227,7 +221,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Runs the load with `bodies` (each a complete exchange form) and samples the server.
 pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
     let ticks = procfs::clock_ticks_per_second();
-    let clients: Vec<reqwest::Client> = (0..plan.concurrency).map(|_| client()).collect::<anyhow::Result<_>>()?;
     let start = Instant::now();
     let measure_from = start + plan.warmup;
     let stop_at = measure_from + plan.duration;
@@ -244,7 +237,7 @@ pub async fn run(plan: &Plan, bodies: Vec<Vec<u8>>) -> anyhow::Result<Outcome> {
         first_errors: Mutex::new(Vec::new()),
     });
     let handles: Vec<_> =
-        clients.into_iter().map(|c| tokio::spawn(worker(c, plan.call.clone(), shared.clone()))).collect();
+        (0..plan.concurrency).map(|_| tokio::spawn(worker(plan.call.clone(), shared.clone()))).collect();
 
     let mut sampler = tokio::time::interval_at(start.into(), SAMPLE_EVERY);
     sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
