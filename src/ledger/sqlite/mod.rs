@@ -108,8 +108,9 @@ impl SqliteLedger {
         conn.pragma_update(None, "foreign_keys", true).map_err(db_err)?;
         // Savepoint journals stay in memory: they only ever hold one batch.
         conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
-        // After a burst, the WAL file shrinks back once checkpointed instead of keeping its peak.
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(db_err)?;
+        // The WAL file keeps up to this size when the WAL starts over, so that commits overwrite
+        // it in place ([`wal::WAL_SIZE_LIMIT`]).
+        conn.pragma_update(None, "journal_size_limit", wal::WAL_SIZE_LIMIT).map_err(db_err)?;
         if current < schema::latest() {
             schema::migrate(&mut conn, current)?;
         }
