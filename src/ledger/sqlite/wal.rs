@@ -101,8 +101,9 @@ pub(super) fn watch(conn: &mut Connection, checkpointer: &Checkpointer) -> Resul
         let frames = u32::try_from(frames).unwrap_or(0);
         seen.0.length.store(frames, Ordering::Relaxed);
         // A shorter WAL than at the last wake-up has started over: none of it is copied yet.
-        // (Only a catch-up on the writer's own thread lets it start over, and no checkpoint can
-        // be running then, so no older count can land after this one.)
+        // (A count of the previous WAL may still land after this one, from a checkpoint that was
+        // syncing when the WAL started over; the checkpointer's next pass, 500 frames on, long
+        // before this WAL is long enough for a catch-up, replaces it.)
         if frames < woken_at {
             woken_at = 0;
             seen.0.copied.store(0, Ordering::Relaxed);
