@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+mod canonical;
+
 /// One audit event. Field names are the SIEM schema of `docs/AUDIT.md`; absent fields are
 /// omitted from the JSON. Never holds a secret.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -93,6 +95,10 @@ pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
 /// RFC 8785 canonical JSON of an event.
 pub fn canonical_body(event: &AuditEvent) -> String {
+    let mut body = String::with_capacity(1024);
+    if canonical::write_event(event, &mut body) {
+        return body;
+    }
     serde_json_canonicalizer::to_string(event).expect("an audit event always serializes")
 }
 
