@@ -19,6 +19,7 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
     ("0004_limits", include_str!("../../../migrations/sqlite/0004_limits.sql")),
     ("0005_signing_key_retirement", include_str!("../../../migrations/sqlite/0005_signing_key_retirement.sql")),
     ("0006_jobs_by_backend", include_str!("../../../migrations/sqlite/0006_jobs_by_backend.sql")),
+    ("0007_unread_indexes", include_str!("../../../migrations/sqlite/0007_unread_indexes.sql")),
 ];
 
 pub(super) fn latest() -> i64 {
