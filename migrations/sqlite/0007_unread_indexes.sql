@@ -5,9 +5,10 @@
 -- None of these nine is read:
 --
 -- * `exchanges_agent`, `_capability`, `_repository`, `_state`, `_subject`, `credentials_agent`,
---   `_capability`: the admin lists take each filter as an optional parameter
---   (`?3 IS NULL OR agent = ?3`), which SQLite cannot plan an index for; they walk
---   `exchanges_created_at` / `credentials_created_at` newest first and filter as they go.
+--   `_capability`: the admin lists took each filter as an optional parameter
+--   (`?3 IS NULL OR agent = ?3`), which SQLite cannot plan an index for, so they walked
+--   `exchanges_created_at` / `credentials_created_at` newest first and filtered as they went.
+--   They now seek to their cursor and time window on those indexes and filter from there.
 -- * `credentials_expires_at`: credentials end by their TTL job (`jobs_due`), not by a scan.
 -- * `jobs_kill`: a kill's jobs are found through `jobs_credential` (a lookup by `kill_id` made
 --   the kill's answer quadratic), and no kill rule is ever deleted, so no foreign-key check

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, params, params_from_iter};
 use tokio::sync::Semaphore;
 
 use super::codec::{
@@ -264,61 +265,99 @@ pub(super) fn ping(conn: &Connection) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// `(created_at, id)` of a newest-first cursor, as bind values.
-fn before(cursor: Option<(DateTime<Utc>, uuid::Uuid)>) -> (Option<String>, Option<String>) {
-    match cursor {
-        Some((at, id)) => (Some(ts(at)), Some(id.to_string())),
-        None => (None, None),
-    }
-}
-
 fn page_limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A page of credentials, newest first. Each filter is `(?n IS NULL OR column = ?n)`: one plan
-/// whatever is given.
+/// The conditions of a newest-first listing, only those given, with their values in order.
+///
+/// Only a condition that is in the SQL can use an index: written as `(?n IS NULL OR …)` for
+/// every filter, the listing would be planned once for all of them and walk the table from its
+/// newest row, cursor and time bounds included, so that each later page of a large ledger read
+/// every row before it. Here the cursor, `since` and `until` are a range on `created_at`.
+#[derive(Default)]
+struct Conditions {
+    sql: Vec<&'static str>,
+    values: Vec<SqlValue>,
+}
+
+impl Conditions {
+    fn add(&mut self, condition: &'static str, value: Option<impl Into<String>>) {
+        if let Some(value) = value {
+            self.sql.push(condition);
+            self.values.push(SqlValue::Text(value.into()));
+        }
+    }
+
+    fn paged(
+        &mut self,
+        before: Option<(DateTime<Utc>, uuid::Uuid)>,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) {
+        if let Some((at, id)) = before {
+            self.sql.push("(created_at, id) < (?, ?)");
+            self.values.extend([SqlValue::Text(ts(at)), SqlValue::Text(id.to_string())]);
+        }
+        self.add("created_at >= ?", since.map(ts));
+        self.add("created_at < ?", until.map(ts));
+    }
+
+    /// `SELECT columns FROM table [WHERE …] ORDER BY created_at DESC, id DESC LIMIT ?`.
+    fn newest_first(mut self, select: &str, limit: usize) -> (String, Vec<SqlValue>) {
+        let mut sql = select.to_owned();
+        if !self.sql.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&self.sql.join(" AND "));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
+        self.values.push(SqlValue::Integer(page_limit(limit)));
+        (sql, self.values)
+    }
+}
+
+pub(super) fn credentials_query(q: &CredentialQuery) -> (String, Vec<SqlValue>) {
+    let mut c = Conditions::default();
+    c.paged(q.before, q.since, q.until);
+    c.add("agent = ?", q.agent.clone());
+    c.add("capability = ?", q.capability.clone());
+    c.add("repository = ?", q.repository.clone());
+    c.add("workflow = ?", q.workflow.clone());
+    c.add("subject = ?", q.subject.clone());
+    c.add("backend = ?", q.backend.map(|b| b.as_str()));
+    c.add("exchange_id = ?", q.exchange.map(|e| e.to_string()));
+    match q.state {
+        Some(StateFilter::Is(s)) => c.add("state = ?", Some(s.as_str())),
+        Some(StateFilter::Live) => {
+            c.sql.push("state IN ('pending', 'active') AND expires_at > ?");
+            c.values.push(q.now.map_or(SqlValue::Null, |now| SqlValue::Text(ts(now))));
+        }
+        None => {}
+    }
+    c.newest_first(concat!("SELECT ", credential_columns!(), " FROM credentials"), q.limit)
+}
+
+pub(super) fn exchanges_query(q: &ExchangeQuery) -> (String, Vec<SqlValue>) {
+    let mut c = Conditions::default();
+    c.paged(q.before, q.since, q.until);
+    c.add("agent = ?", q.agent.clone());
+    c.add("capability = ?", q.capability.clone());
+    c.add("repository = ?", q.repository.clone());
+    c.add("workflow = ?", q.workflow.clone());
+    c.add("subject = ?", q.subject.clone());
+    c.add("issuer = ?", q.issuer.clone());
+    c.add("state = ?", q.decision.map(|d| d.as_str()));
+    c.add(
+        "EXISTS (SELECT 1 FROM credentials c WHERE c.exchange_id = e.id AND c.backend = ?)",
+        q.backend.map(|b| b.as_str()),
+    );
+    c.newest_first(concat!("SELECT ", exchange_columns!(), " FROM exchanges e"), q.limit)
+}
+
+/// A page of credentials, newest first.
 pub(super) fn list_credentials(conn: &Connection, q: &CredentialQuery) -> Result<Vec<CredentialRow>, LedgerError> {
-    let (before_at, before_id) = before(q.before);
-    let (state, live) = match q.state {
-        Some(StateFilter::Is(s)) => (Some(s.as_str()), false),
-        Some(StateFilter::Live) => (None, true),
-        None => (None, false),
-    };
-    let now = q.now.map(ts);
-    let mut rows = query_all(
-        conn,
-        concat!(
-            "SELECT ",
-            credential_columns!(),
-            " FROM credentials WHERE (?1 IS NULL OR (created_at, id) < (?1, ?2)) \
-             AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR capability = ?4) \
-             AND (?5 IS NULL OR repository = ?5) AND (?6 IS NULL OR workflow = ?6) \
-             AND (?7 IS NULL OR subject = ?7) AND (?8 IS NULL OR backend = ?8) \
-             AND (?9 IS NULL OR exchange_id = ?9) AND (?10 IS NULL OR state = ?10) \
-             AND (NOT ?11 OR (state IN ('pending', 'active') AND expires_at > ?12)) \
-             AND (?13 IS NULL OR created_at >= ?13) AND (?14 IS NULL OR created_at < ?14) \
-             ORDER BY created_at DESC, id DESC LIMIT ?15"
-        ),
-        params![
-            before_at,
-            before_id,
-            q.agent,
-            q.capability,
-            q.repository,
-            q.workflow,
-            q.subject,
-            q.backend.map(|b| b.as_str()),
-            q.exchange.map(|e| e.to_string()),
-            state,
-            live,
-            now,
-            q.since.map(ts),
-            q.until.map(ts),
-            page_limit(q.limit),
-        ],
-        |r| credential_from_row(r),
-    )?;
+    let (sql, values) = credentials_query(q);
+    let mut rows = query_all(conn, &sql, params_from_iter(values), |r| credential_from_row(r))?;
     // Listings never carry what revocation keeps sealed.
     for r in &mut rows {
         r.handle = None;
@@ -328,38 +367,8 @@ pub(super) fn list_credentials(conn: &Connection, q: &CredentialQuery) -> Result
 
 /// A page of exchanges, newest first.
 pub(super) fn list_exchanges(conn: &Connection, q: &ExchangeQuery) -> Result<Vec<ExchangeRow>, LedgerError> {
-    let (before_at, before_id) = before(q.before);
-    query_all(
-        conn,
-        concat!(
-            "SELECT ",
-            exchange_columns!(),
-            " FROM exchanges e WHERE (?1 IS NULL OR (created_at, id) < (?1, ?2)) \
-             AND (?3 IS NULL OR agent = ?3) AND (?4 IS NULL OR capability = ?4) \
-             AND (?5 IS NULL OR repository = ?5) AND (?6 IS NULL OR workflow = ?6) \
-             AND (?7 IS NULL OR subject = ?7) AND (?8 IS NULL OR issuer = ?8) \
-             AND (?9 IS NULL OR state = ?9) \
-             AND (?10 IS NULL OR EXISTS (SELECT 1 FROM credentials c WHERE c.exchange_id = e.id AND c.backend = ?10)) \
-             AND (?11 IS NULL OR created_at >= ?11) AND (?12 IS NULL OR created_at < ?12) \
-             ORDER BY created_at DESC, id DESC LIMIT ?13"
-        ),
-        params![
-            before_at,
-            before_id,
-            q.agent,
-            q.capability,
-            q.repository,
-            q.workflow,
-            q.subject,
-            q.issuer,
-            q.decision.map(|d| d.as_str()),
-            q.backend.map(|b| b.as_str()),
-            q.since.map(ts),
-            q.until.map(ts),
-            page_limit(q.limit),
-        ],
-        |r| exchange_from_row(r),
-    )
+    let (sql, values) = exchanges_query(q);
+    query_all(conn, &sql, params_from_iter(values), |r| exchange_from_row(r))
 }
 
 /// Audit events matching a query, oldest first. Fields are read from the stored canonical body;
