@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::http1::{Http1, Http1Error};
+use crate::http1::{self, Http1, Http1Error};
 use crate::procfs::{self, CoresUsed, CpuSnapshot};
 
 /// How many error bodies are kept for the report.
@@ -125,23 +125,28 @@ struct WorkerStats {
 /// One closed loop. An exchange loop has one keep-alive connection of its own ([`Http1`]).
 async fn worker(call: Call, shared: Arc<Shared>) -> WorkerStats {
     let mut stats = WorkerStats { latencies_ns: Vec::with_capacity(64 * 1024), ..WorkerStats::default() };
-    let mut connection = match &call {
-        Call::Exchange(url) => match Http1::new(url) {
-            Ok(c) => Some(c),
+    // What the loop calls: its own connection to latchkey, or moto's AssumeRole.
+    enum Target {
+        Latchkey(Http1),
+        Moto(Arc<crate::moto::AssumeRole>),
+    }
+    let mut target = match call {
+        Call::Exchange(url) => match Http1::new(&url) {
+            Ok(c) => Target::Latchkey(c),
             Err(e) => {
                 shared.keep_error(format!("{e:#}"));
                 return stats;
             }
         },
-        Call::AssumeRole(_) => None,
+        Call::AssumeRole(direct) => Target::Moto(direct),
     };
     loop {
         if Instant::now() >= shared.stop_at || shared.abort.load(Ordering::Relaxed) {
             break;
         }
         let sent;
-        let answer = match (&call, connection.as_mut()) {
-            (Call::Exchange(_), Some(connection)) => {
+        let answer = match &mut target {
+            Target::Latchkey(connection) => {
                 let Some(body) = shared.next_body() else {
                     stats.exhausted = true;
                     break;
@@ -149,8 +154,7 @@ async fn worker(call: Call, shared: Arc<Shared>) -> WorkerStats {
                 sent = Instant::now();
                 exchange(connection, &body).await
             }
-            (Call::Exchange(_), None) => break,
-            (Call::AssumeRole(direct), _) => {
+            Target::Moto(direct) => {
                 shared.taken.fetch_add(1, Ordering::Relaxed);
                 sent = Instant::now();
                 direct.call().await
@@ -205,17 +209,13 @@ async fn exchange(connection: &mut Http1, form: &[u8]) -> Result<(), Failure> {
             return Err(Failure { kind: kind.into(), message: format!("{kind}: no answer in {REQUEST_TIMEOUT:?}") });
         }
     };
-    if status == 200 && contains(body, b"\"access_token\"") {
+    if status == 200 && http1::find(body, b"\"access_token\"").is_some() {
         return Ok(());
     }
     let kind = if status == 200 { "200 without access_token".into() } else { status.to_string() };
     let text = String::from_utf8_lossy(body);
     let shown: String = text.chars().take(400).collect();
     Err(Failure { kind, message: format!("HTTP {status}: {shown}") })
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Runs the load with `bodies` (each a complete exchange form) and samples the server.
