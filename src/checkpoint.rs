@@ -459,7 +459,7 @@ pub fn report_json(r: &VerifyReport) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{canonical_body, chain_hash};
+    use crate::audit::{chain_hash, test_chain};
 
     struct Mem(Vec<StoredEvent>, Vec<Checkpoint>);
 
@@ -471,21 +471,6 @@ mod tests {
         async fn stored_checkpoints(&self) -> Result<Vec<Checkpoint>, LedgerError> {
             Ok(self.1.clone())
         }
-    }
-
-    fn chain(n: usize) -> Vec<StoredEvent> {
-        let mut prev = GENESIS_HASH;
-        (0..n)
-            .map(|i| {
-                let mut e = AuditEvent::new("test.event", DateTime::<Utc>::UNIX_EPOCH);
-                e.reason = Some(format!("n{i}"));
-                let body = canonical_body(&e);
-                let hash = chain_hash(&prev, body.as_bytes());
-                let s = StoredEvent { seq: i as i64 + 1, prev_hash: hex::encode(prev), hash: hex::encode(hash), body };
-                prev = hash;
-                s
-            })
-            .collect()
     }
 
     /// Rewrites event `at` and recomputes every later hash, as a careful attacker would.
@@ -512,7 +497,7 @@ mod tests {
     #[tokio::test]
     async fn an_intact_log_with_a_checkpoint_verifies() {
         let k = key();
-        let events = chain(10);
+        let events = test_chain(10);
         let cp = k.sign(7, &events[6].hash, Utc::now());
         let r = verify(&Mem(events, vec![cp]), req(&k)).await.unwrap();
         assert!(r.ok, "{:?}", r.problems);
@@ -523,7 +508,7 @@ mod tests {
     #[tokio::test]
     async fn a_recomputed_rewrite_is_caught_by_the_next_checkpoint() {
         let k = key();
-        let mut events = chain(10);
+        let mut events = test_chain(10);
         let early = k.sign(2, &events[1].hash, Utc::now());
         let cp = k.sign(7, &events[6].hash, Utc::now());
         rewrite(&mut events, 4);
@@ -537,7 +522,7 @@ mod tests {
     #[tokio::test]
     async fn a_cut_tail_is_caught() {
         let k = key();
-        let mut events = chain(10);
+        let mut events = test_chain(10);
         let cp = k.sign(9, &events[8].hash, Utc::now());
         events.truncate(6);
         let r = verify(&Mem(events, vec![cp]), req(&k)).await.unwrap();
@@ -548,7 +533,7 @@ mod tests {
     #[tokio::test]
     async fn a_forged_or_foreign_signature_is_caught() {
         let k = key();
-        let events = chain(5);
+        let events = test_chain(5);
         let mut forged = k.sign(3, &events[2].hash, Utc::now());
         forged.signed_at = "2000-01-01T00:00:00.000Z".into();
         let foreign = key().sign(4, &events[3].hash, Utc::now());
@@ -559,7 +544,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_edit_without_recompute_names_its_event_and_a_range_checks_only_itself() {
-        let mut events = chain(8);
+        let mut events = test_chain(8);
         events[4].body = events[4].body.replace("n4", "nX");
         let r = verify(&Mem(events.clone(), vec![]), VerifyRequest::default()).await.unwrap();
         assert_eq!(r.problems.len(), 1);

@@ -13,7 +13,7 @@
 use std::cmp::Ordering;
 use std::fmt::Write;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 
 use super::AuditEvent;
 
@@ -22,7 +22,7 @@ const EXACT_INTEGER: u64 = 1 << 53;
 
 /// Appends the canonical JSON of `event` to `out`; false (with `out` left partly written) when
 /// the event holds a number this writer does not format.
-pub(super) fn write_event(event: &AuditEvent, out: &mut String) -> bool {
+pub(super) fn write_event<'a>(event: &'a AuditEvent, out: &mut String) -> bool {
     // Destructured without `..`: a new field does not compile until it is placed below.
     let AuditEvent {
         time,
@@ -46,86 +46,74 @@ pub(super) fn write_event(event: &AuditEvent, out: &mut String) -> bool {
         expiry,
         detail,
     } = event;
-    // Members in RFC 8785 order (by UTF-16 code units; these names are ASCII).
-    let members: [(&str, Member); 20] = [
-        ("actor", Member::text(actor)),
-        ("agent", Member::text(agent)),
-        ("backend", Member::text(backend)),
-        ("capability", Member::text(capability)),
-        ("credential_id", Member::text(credential_id)),
-        ("decision", Member::text(decision)),
-        ("detail", detail.as_ref().map_or(Member::Absent, Member::Value)),
-        ("event", Member::Text(event)),
-        ("exchange_id", Member::text(exchange_id)),
-        ("expiry", Member::text(expiry)),
-        ("fingerprint", Member::text(fingerprint)),
-        ("issuer", Member::text(issuer)),
-        ("policy_hash", Member::text(policy_hash)),
-        ("reason", Member::text(reason)),
-        ("repository", Member::text(repository)),
-        ("request_id", Member::text(request_id)),
-        ("run_id", Member::text(run_id)),
-        ("subject", Member::text(subject)),
-        ("time", Member::Text(time)),
-        ("workflow", Member::text(workflow)),
+    // Members in RFC 8785 order (by UTF-16 code units; these names are ASCII); `None` fields
+    // are omitted, as serde omits them.
+    let text = |field: &'a Option<String>| field.as_deref().map(Member::Text);
+    let members: [(&str, Option<Member<'a>>); 20] = [
+        ("actor", text(actor)),
+        ("agent", text(agent)),
+        ("backend", text(backend)),
+        ("capability", text(capability)),
+        ("credential_id", text(credential_id)),
+        ("decision", text(decision)),
+        ("detail", detail.as_ref().map(Member::Value)),
+        ("event", Some(Member::Text(event))),
+        ("exchange_id", text(exchange_id)),
+        ("expiry", text(expiry)),
+        ("fingerprint", text(fingerprint)),
+        ("issuer", text(issuer)),
+        ("policy_hash", text(policy_hash)),
+        ("reason", text(reason)),
+        ("repository", text(repository)),
+        ("request_id", text(request_id)),
+        ("run_id", text(run_id)),
+        ("subject", text(subject)),
+        ("time", Some(Member::Text(time))),
+        ("workflow", text(workflow)),
     ];
     debug_assert!(members.is_sorted_by(|a, b| a.0 < b.0));
     out.push('{');
-    let mut first = true;
-    for (name, member) in members {
-        let value = match member {
-            Member::Absent => continue,
-            member => member,
-        };
-        if !first {
+    for (i, (name, member)) in members.into_iter().filter_map(|(name, m)| Some((name, m?))).enumerate() {
+        if i > 0 {
             out.push(',');
         }
-        first = false;
         write_str(name, out);
         out.push(':');
-        let written = match value {
-            Member::Text(s) => {
-                write_str(s, out);
-                true
+        match member {
+            Member::Text(s) => write_str(s, out),
+            Member::Value(v) => {
+                if !write_value(v, out) {
+                    return false;
+                }
             }
-            Member::Value(v) => write_value(v, out),
-            Member::Absent => true,
-        };
-        if !written {
-            return false;
         }
     }
     out.push('}');
     true
 }
 
-/// One of the event's members, as serde serializes it (`None` fields are omitted).
+/// A member of the event: one of its text fields, or its `detail`.
 enum Member<'a> {
-    Absent,
     Text(&'a str),
     Value(&'a Value),
 }
 
-impl<'a> Member<'a> {
-    fn text(field: &'a Option<String>) -> Self {
-        field.as_deref().map_or(Member::Absent, Member::Text)
-    }
+/// `n` as an integer an IEEE double holds exactly, the only numbers written here.
+fn exact_integer(n: &Number) -> Option<i128> {
+    let i = n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))?;
+    (i.unsigned_abs() <= u128::from(EXACT_INTEGER)).then_some(i)
 }
 
 fn write_value(value: &Value, out: &mut String) -> bool {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
-            let exact = n.as_i64().filter(|i| i.unsigned_abs() <= EXACT_INTEGER).map(i128::from);
-            let exact = exact.or_else(|| n.as_u64().filter(|u| *u <= EXACT_INTEGER).map(i128::from));
-            match exact {
-                Some(i) => {
-                    let _ = write!(out, "{i}");
-                }
-                None => return false,
+        Value::Number(n) => match exact_integer(n) {
+            Some(i) => {
+                let _ = write!(out, "{i}");
             }
-        }
+            None => return false,
+        },
         Value::String(s) => write_str(s, out),
         Value::Array(items) => {
             out.push('[');
@@ -179,24 +167,21 @@ fn write_str(s: &str, out: &mut String) {
     out.push('"');
     let mut start = 0;
     for (i, byte) in s.bytes().enumerate() {
-        let escape = match byte {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            0x08 => "\\b",
-            b'\t' => "\\t",
-            b'\n' => "\\n",
-            0x0c => "\\f",
-            b'\r' => "\\r",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{byte:04x}");
-        } else {
-            out.push_str(escape);
+        if !matches!(byte, b'"' | b'\\' | 0x00..=0x1f) {
+            continue;
         }
+        out.push_str(&s[start..i]);
         start = i + 1;
+        let _ = match byte {
+            b'"' => out.write_str("\\\""),
+            b'\\' => out.write_str("\\\\"),
+            0x08 => out.write_str("\\b"),
+            b'\t' => out.write_str("\\t"),
+            b'\n' => out.write_str("\\n"),
+            0x0c => out.write_str("\\f"),
+            b'\r' => out.write_str("\\r"),
+            _ => write!(out, "\\u{byte:04x}"),
+        };
     }
     out.push_str(&s[start..]);
     out.push('"');

@@ -145,24 +145,26 @@ pub fn verify_chain(mut prev: [u8; 32], first_seq: i64, events: &[StoredEvent]) 
     Ok(prev)
 }
 
+/// A valid chain of `n` events from genesis, the `i`th with reason `n{i}`: for tests.
+#[cfg(test)]
+pub(crate) fn test_chain(n: usize) -> Vec<StoredEvent> {
+    let mut prev = GENESIS_HASH;
+    (0..n)
+        .map(|i| {
+            let mut e = AuditEvent::new("test.event", DateTime::<Utc>::UNIX_EPOCH);
+            e.reason = Some(format!("n{i}"));
+            let body = canonical_body(&e);
+            let hash = chain_hash(&prev, body.as_bytes());
+            let s = StoredEvent { seq: i as i64 + 1, prev_hash: hex::encode(prev), hash: hex::encode(hash), body };
+            prev = hash;
+            s
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn chain(n: usize) -> Vec<StoredEvent> {
-        let mut prev = GENESIS_HASH;
-        (0..n)
-            .map(|i| {
-                let mut e = AuditEvent::new("test.event", DateTime::<Utc>::UNIX_EPOCH);
-                e.reason = Some(format!("n{i}"));
-                let body = canonical_body(&e);
-                let hash = chain_hash(&prev, body.as_bytes());
-                let s = StoredEvent { seq: i as i64 + 1, prev_hash: hex::encode(prev), hash: hex::encode(hash), body };
-                prev = hash;
-                s
-            })
-            .collect()
-    }
 
     #[test]
     fn canonical_body_sorts_keys_and_omits_absent_fields() {
@@ -173,20 +175,20 @@ mod tests {
 
     #[test]
     fn an_intact_chain_verifies() {
-        let events = chain(5);
+        let events = test_chain(5);
         verify_chain(GENESIS_HASH, 1, &events).unwrap();
     }
 
     #[test]
     fn an_edited_body_is_caught() {
-        let mut events = chain(5);
+        let mut events = test_chain(5);
         events[2].body = events[2].body.replace("n2", "nX");
         assert_eq!(verify_chain(GENESIS_HASH, 1, &events), Err(ChainError::BadHash { seq: 3 }));
     }
 
     #[test]
     fn a_removed_event_is_caught() {
-        let mut events = chain(5);
+        let mut events = test_chain(5);
         events.remove(1);
         assert_eq!(verify_chain(GENESIS_HASH, 1, &events), Err(ChainError::Gap { seq: 3, expected: 2 }));
     }

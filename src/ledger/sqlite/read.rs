@@ -282,13 +282,19 @@ struct Conditions {
 }
 
 impl Conditions {
+    fn push(&mut self, condition: &'static str, values: impl IntoIterator<Item = SqlValue>) {
+        self.sql.push(condition);
+        self.values.extend(values);
+    }
+
+    /// `condition` with its one `?` bound to `value`, when there is a value.
     fn add(&mut self, condition: &'static str, value: Option<impl Into<String>>) {
         if let Some(value) = value {
-            self.sql.push(condition);
-            self.values.push(SqlValue::Text(value.into()));
+            self.push(condition, [SqlValue::Text(value.into())]);
         }
     }
 
+    /// The cursor and the time window: a range on `created_at`.
     fn paged(
         &mut self,
         before: Option<(DateTime<Utc>, uuid::Uuid)>,
@@ -296,11 +302,26 @@ impl Conditions {
         until: Option<DateTime<Utc>>,
     ) {
         if let Some((at, id)) = before {
-            self.sql.push("(created_at, id) < (?, ?)");
-            self.values.extend([SqlValue::Text(ts(at)), SqlValue::Text(id.to_string())]);
+            self.push("(created_at, id) < (?, ?)", [SqlValue::Text(ts(at)), SqlValue::Text(id.to_string())]);
         }
         self.add("created_at >= ?", since.map(ts));
         self.add("created_at < ?", until.map(ts));
+    }
+
+    /// The columns both exchanges and credentials carry from the subject token and the policy.
+    fn identity(
+        &mut self,
+        agent: &Option<String>,
+        capability: &Option<String>,
+        repository: &Option<String>,
+        workflow: &Option<String>,
+        subject: &Option<String>,
+    ) {
+        self.add("agent = ?", agent.as_deref());
+        self.add("capability = ?", capability.as_deref());
+        self.add("repository = ?", repository.as_deref());
+        self.add("workflow = ?", workflow.as_deref());
+        self.add("subject = ?", subject.as_deref());
     }
 
     /// `SELECT columns FROM table [WHERE …] ORDER BY created_at DESC, id DESC LIMIT ?`.
@@ -319,19 +340,15 @@ impl Conditions {
 pub(super) fn credentials_query(q: &CredentialQuery) -> (String, Vec<SqlValue>) {
     let mut c = Conditions::default();
     c.paged(q.before, q.since, q.until);
-    c.add("agent = ?", q.agent.clone());
-    c.add("capability = ?", q.capability.clone());
-    c.add("repository = ?", q.repository.clone());
-    c.add("workflow = ?", q.workflow.clone());
-    c.add("subject = ?", q.subject.clone());
+    c.identity(&q.agent, &q.capability, &q.repository, &q.workflow, &q.subject);
     c.add("backend = ?", q.backend.map(|b| b.as_str()));
     c.add("exchange_id = ?", q.exchange.map(|e| e.to_string()));
     match q.state {
         Some(StateFilter::Is(s)) => c.add("state = ?", Some(s.as_str())),
-        Some(StateFilter::Live) => {
-            c.sql.push("state IN ('pending', 'active') AND expires_at > ?");
-            c.values.push(q.now.map_or(SqlValue::Null, |now| SqlValue::Text(ts(now))));
-        }
+        Some(StateFilter::Live) => c.push(
+            "state IN ('pending', 'active') AND expires_at > ?",
+            [q.now.map_or(SqlValue::Null, |now| SqlValue::Text(ts(now)))],
+        ),
         None => {}
     }
     c.newest_first(concat!("SELECT ", credential_columns!(), " FROM credentials"), q.limit)
@@ -340,12 +357,8 @@ pub(super) fn credentials_query(q: &CredentialQuery) -> (String, Vec<SqlValue>) 
 pub(super) fn exchanges_query(q: &ExchangeQuery) -> (String, Vec<SqlValue>) {
     let mut c = Conditions::default();
     c.paged(q.before, q.since, q.until);
-    c.add("agent = ?", q.agent.clone());
-    c.add("capability = ?", q.capability.clone());
-    c.add("repository = ?", q.repository.clone());
-    c.add("workflow = ?", q.workflow.clone());
-    c.add("subject = ?", q.subject.clone());
-    c.add("issuer = ?", q.issuer.clone());
+    c.identity(&q.agent, &q.capability, &q.repository, &q.workflow, &q.subject);
+    c.add("issuer = ?", q.issuer.as_deref());
     c.add("state = ?", q.decision.map(|d| d.as_str()));
     c.add(
         "EXISTS (SELECT 1 FROM credentials c WHERE c.exchange_id = e.id AND c.backend = ?)",
