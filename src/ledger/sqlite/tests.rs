@@ -1144,3 +1144,24 @@ async fn listings_seek_to_their_cursor_and_time_window() {
     let all = plan(&conn, read::exchanges_query(&ExchangeQuery { limit: 50, ..Default::default() }));
     assert!(all.contains("exchanges_created_at") && !all.contains("FOR ORDER BY"), "{all}");
 }
+
+/// Listings never carry a sealed revocation handle, whatever their filters.
+#[tokio::test]
+async fn listings_of_credentials_never_carry_their_handles() {
+    let (_dir, ledger) = fresh().await;
+    let (exchange, creds) = intent("github-actions", 2);
+    ledger.record_intent(&exchange, &creds, event("exchange.intent", t0())).await.unwrap();
+    for (i, c) in creds.iter().enumerate() {
+        ledger.record_handle(c.id, &handle(i as u8)).await.unwrap();
+    }
+    assert!(ledger.credential(creds[0].id).await.unwrap().unwrap().handle.is_some(), "stored sealed");
+    for query in [
+        CredentialQuery { limit: 10, ..Default::default() },
+        CredentialQuery { exchange: Some(exchange.id), limit: 10, ..Default::default() },
+        CredentialQuery { agent: Some(creds[0].agent.clone()), since: Some(t0()), limit: 10, ..Default::default() },
+    ] {
+        let rows = ledger.list_credentials(query).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.handle.is_none()), "a listing carried a handle");
+    }
+}
