@@ -511,9 +511,11 @@ impl Inner {
         let body = json!({ "accessor": accessor });
         match self.request(Method::POST, "auth/token/revoke-accessor", Some(&body)).await {
             Ok(_) => Ok(()),
-            // Expired or already revoked: Vault no longer knows the accessor.
+            // Expired or already revoked: Vault no longer knows the accessor ("invalid accessor"),
+            // or knows it but not its token, which another revocation is removing ("token not
+            // found": an earlier request that timed out on our side, answered late).
             Err(VaultError::Status { status: StatusCode::BAD_REQUEST, errors, .. })
-                if errors.contains("invalid accessor") =>
+                if errors.contains("invalid accessor") || errors.contains("token not found") =>
             {
                 Ok(())
             }
