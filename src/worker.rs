@@ -41,15 +41,7 @@ pub fn spawn_all(app: &AppState) {
         let changes = a.ledger.kill_changes();
         let mut tick = tokio::time::interval(KILL_POLL);
         loop {
-            match &changes {
-                Some(changed) => tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = changed.notified() => {}
-                },
-                None => {
-                    tick.tick().await;
-                }
-            }
+            tick_or_change(&mut tick, changes.as_deref()).await;
             if let Err(e) = refresh_kills(&a).await {
                 tracing::warn!(error = %e, "could not refresh kill rules");
             }
@@ -94,21 +86,42 @@ pub fn spawn_all(app: &AppState) {
             }
         }
     });
-    let a = app.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(crate::backend::jwt::KEY_REFRESH);
-        loop {
-            tick.tick().await;
-            if let Err(e) = crate::keys::refresh_signing_keys(&a).await {
-                tracing::warn!(error = %e, "could not re-read the jwt signing keys; the loaded ones keep serving");
-            }
-        }
-    });
+    tokio::spawn(follow_signing_keys(app.clone()));
     // The baseline is taken now, not when the task first runs: a change made in between must
     // count as a change.
     let baseline = dir_signature(&app.config.resolve(&app.config.policies.dir));
     let a = app.clone();
     tokio::spawn(async move { watch_policies(a, baseline).await });
+}
+
+/// Keeps the `jwt` signing keys current: re-read every [`KEY_REFRESH`], and at once when another
+/// replica announces that it created or retired one, so that a retired key stops signing here
+/// within moments of the retirement, not at the next refresh.
+///
+/// [`KEY_REFRESH`]: crate::backend::jwt::KEY_REFRESH
+pub async fn follow_signing_keys(app: AppState) {
+    let changes = app.ledger.key_changes();
+    let mut tick = tokio::time::interval(crate::backend::jwt::KEY_REFRESH);
+    loop {
+        tick_or_change(&mut tick, changes.as_deref()).await;
+        if let Err(e) = crate::keys::refresh_signing_keys(&app).await {
+            tracing::warn!(error = %e, "could not re-read the jwt signing keys; the loaded ones keep serving");
+        }
+    }
+}
+
+/// Waits for the next tick, or for `changed` (when the store announces changes), whichever
+/// comes first.
+async fn tick_or_change(tick: &mut tokio::time::Interval, changed: Option<&tokio::sync::Notify>) {
+    match changed {
+        Some(changed) => tokio::select! {
+            _ = tick.tick() => {}
+            _ = changed.notified() => {}
+        },
+        None => {
+            tick.tick().await;
+        }
+    }
 }
 
 /// How long after a kill rule ends its effects may still matter: the longest session a backend

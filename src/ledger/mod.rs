@@ -761,6 +761,12 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     fn kill_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
+
+    /// Like [`Ledger::kill_changes`], for the `jwt` signing keys: woken when another process
+    /// created or retired one, so that a retired key stops signing here at once.
+    fn key_changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// What verifying the audit chain reads: the events in order and the stored checkpoints. Every

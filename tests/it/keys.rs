@@ -2,6 +2,7 @@
 //! keys) and backup and restore of the ledger, through HTTP, the CLI and restarts.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use latchkey::app::ManualClock;
@@ -656,14 +657,13 @@ async fn the_cli_retires_a_signing_key_and_refuses_an_unknown_one_or_a_low_role(
     assert!(!ok && out.contains("already retired"), "{out}");
 }
 
-#[tokio::test]
-async fn a_second_replica_stops_signing_with_a_retired_key_at_its_next_refresh() {
-    // Two brokers on one store: only PostgreSQL allows it (a SQLite file has one process).
+/// A second broker on `a`'s store, with no background loops, and its address; `None` (the test
+/// skips) unless the store is PostgreSQL, the only one two processes can share.
+async fn second_replica(a: &TestApp) -> Option<(latchkey::app::AppState, latchkey::server::Running)> {
     if crate::support::store::kind() != crate::support::store::Kind::Postgres {
         eprintln!("skipped: two replicas need the PostgreSQL store (LATCHKEY_TEST_STORE=postgres runs it)");
-        return;
+        return None;
     }
-    let a = TestApp::builder().no_background().start().await;
     let config = latchkey::config::Config::load(&a.dir.path().join("latchkey.toml")).unwrap();
     let b = latchkey::server::build(
         config,
@@ -678,20 +678,30 @@ async fn a_second_replica_stops_signing_with_a_retired_key_at_its_next_refresh()
     .await
     .unwrap();
     let running = latchkey::server::start(b.clone(), None, false).await.unwrap();
+    Some((b, running))
+}
+
+/// A `jwt` exchange at the broker at `url`, with a token of `a`'s issuer; the token it got.
+async fn jwt_exchange_at(a: &TestApp, url: &str) -> String {
+    let token = a.token(pr_claims());
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("subject_token", token.as_str()),
+        ("scope", "pr-review"),
+    ];
+    let r = a.client.post(format!("{url}/v1/token")).form(&form).send().await.unwrap();
+    let answer = crate::support::test_app::answer(r).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    answer.body["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_second_replica_stops_signing_with_a_retired_key_at_its_next_refresh() {
+    let a = TestApp::builder().no_background().start().await;
+    let Some((b, running)) = second_replica(&a).await else { return };
     let b_url = running.url();
-    let exchange_at_b = async || {
-        let token = a.token(pr_claims());
-        let form = [
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("subject_token", token.as_str()),
-            ("scope", "pr-review"),
-        ];
-        let r = a.client.post(format!("{b_url}/v1/token")).form(&form).send().await.unwrap();
-        let answer = crate::support::test_app::answer(r).await;
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
-        answer.body["access_token"].as_str().unwrap().to_owned()
-    };
+    let exchange_at_b = async || jwt_exchange_at(&a, &b_url).await;
     let kid = kid_of(&jwt_exchange(&a).await);
     let from_b = exchange_at_b().await;
     assert_eq!(kid_of(&from_b), kid, "one key, shared by the replicas");
@@ -713,6 +723,39 @@ async fn a_second_replica_stops_signing_with_a_retired_key_at_its_next_refresh()
     assert_eq!(kids, [json!(new_kid)]);
     assert!(introspects_active(&a, &b_url, &after).await);
     assert!(introspects_active(&a, &a.url, &after).await, "A verifies what B signed with the replacement");
+    running.shutdown().await;
+}
+
+/// The replica that retires a key announces it: every other replica re-reads its keys at once,
+/// not at its next refresh (every 10 s), and stops signing with the retired key.
+#[tokio::test]
+async fn a_retirement_reaches_every_replica_at_once() {
+    let a = TestApp::builder().no_background().start().await;
+    let Some((b, running)) = second_replica(&a).await else { return };
+    let b_url = running.url();
+    // B's own key loop: it reads the keys when it starts, then every 10 s or when told to.
+    let follower = tokio::spawn(latchkey::worker::follow_signing_keys(b.clone()));
+    let kid = kid_of(&jwt_exchange_at(&a, &b_url).await);
+
+    let r = a.post_json(&format!("/v1/signing-keys/{kid}/retire"), Some(ADMIN_KEY), &json!({ "reason": "leak" })).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let new_kid = r.body["retired"]["replacement"]["kid"].as_str().unwrap().to_owned();
+    let retired = Instant::now();
+    loop {
+        let jwks: Value =
+            a.client.get(format!("{b_url}/.well-known/jwks.json")).send().await.unwrap().json().await.unwrap();
+        let kids: Vec<_> = jwks["keys"].as_array().unwrap().iter().map(|k| k["kid"].clone()).collect();
+        if kids == [json!(new_kid)] {
+            break;
+        }
+        assert!(
+            retired.elapsed() < Duration::from_secs(3),
+            "B still publishes {kids:?} 3 s after the retirement of {kid}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(kid_of(&jwt_exchange_at(&a, &b_url).await), new_kid);
+    follower.abort();
     running.shutdown().await;
 }
 

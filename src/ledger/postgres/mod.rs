@@ -6,10 +6,12 @@
 //!   kill creation and activation (DESIGN step 7) are serialized whichever replicas run them.
 //! * Everything else runs on the pool: reads, revocation handles, job claims (`FOR UPDATE SKIP
 //!   LOCKED`, so each job goes to exactly one worker of one replica), stream positions, pruning.
-//! * Kill changes are announced with `NOTIFY` in the transaction that makes them; every replica
-//!   `LISTEN`s and wakes its kill-rule refresher ([`Ledger::kill_changes`]). A listener that lost
-//!   its connection may have missed some, so it wakes the refresher too; and the refresher also
-//!   polls, so a rule reaches every replica within a second even when notifications fail.
+//! * Kill changes and signing-key changes are announced with `NOTIFY` in the transaction that
+//!   makes them; every replica `LISTEN`s and wakes its kill-rule refresher
+//!   ([`Ledger::kill_changes`]) or its signing-key refresher ([`Ledger::key_changes`]). A
+//!   listener that lost its connection may have missed some, so it wakes both; and both also
+//!   poll, so a rule reaches every replica within a second, and a key within ten, even when
+//!   notifications fail.
 //! * Every connection runs with a statement timeout and an idle-in-transaction timeout: a slow
 //!   query fails instead of hanging an exchange, and a replica that stalls mid-transaction
 //!   cannot hold the chain lock for longer than that.
@@ -120,44 +122,60 @@ pub async fn open(url: &str, migrate: bool, settings: &Settings) -> Result<Arc<d
 
     let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
     let writer = tokio::spawn(Writer::new(options, settings.connect_timeout, settings.statement_timeout).run(rx));
-    let kill_changes = Arc::new(Notify::new());
-    let listener = tokio::spawn(listen(pool.clone(), schema_name.clone(), kill_changes.clone()));
+    let changes = Changes::default();
+    let listener = tokio::spawn(listen(pool.clone(), schema_name.clone(), changes.clone()));
     tracing::info!(store = %shown, schema = %schema_name, "ledger.opened");
-    Ok(Arc::new(PgLedger { shown, pool, writer: tx, kill_changes, tasks: vec![writer, listener] }))
+    Ok(Arc::new(PgLedger { shown, pool, writer: tx, changes, tasks: vec![writer, listener] }))
 }
 
-/// Wakes `changed` on every kill change of `schema` announced by any replica, and whenever the
-/// listening connection was lost (and with it, perhaps, notifications).
-async fn listen(pool: PgPool, schema: String, changed: Arc<Notify>) {
+/// What the listener wakes: one waiter per channel.
+#[derive(Clone, Default)]
+struct Changes {
+    kills: Arc<Notify>,
+    keys: Arc<Notify>,
+}
+
+impl Changes {
+    /// Notifications may have been lost: everything is re-read.
+    fn all(&self) {
+        self.kills.notify_one();
+        self.keys.notify_one();
+    }
+}
+
+/// Wakes the waiter of each change of `schema` any replica announces, and all of them whenever
+/// the listening connection was lost (and with it, perhaps, notifications).
+async fn listen(pool: PgPool, schema: String, changes: Changes) {
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %db_err(e), "ledger.listen.connect_failed");
-                changed.notify_one();
+                changes.all();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        if let Err(e) = listener.listen(ops::KILL_CHANNEL).await {
+        if let Err(e) = listener.listen_all([ops::KILL_CHANNEL, ops::KEY_CHANNEL]).await {
             tracing::warn!(error = %db_err(e), "ledger.listen.failed");
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         loop {
             match listener.try_recv().await {
-                Ok(Some(n)) => {
-                    if n.payload() == schema {
-                        changed.notify_one();
-                    }
-                }
+                Ok(Some(n)) if n.payload() == schema => match n.channel() {
+                    ops::KILL_CHANNEL => changes.kills.notify_one(),
+                    ops::KEY_CHANNEL => changes.keys.notify_one(),
+                    _ => {}
+                },
+                Ok(Some(_)) => {}
                 Ok(None) => {
                     tracing::warn!("ledger.listen.connection_lost");
-                    changed.notify_one();
+                    changes.all();
                 }
                 Err(e) => {
                     tracing::warn!(error = %db_err(e), "ledger.listen.failed");
-                    changed.notify_one();
+                    changes.all();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
@@ -172,7 +190,7 @@ pub struct PgLedger {
     pool: PgPool,
     /// The writer's queue. Dropping it stops the writer.
     writer: mpsc::Sender<Command>,
-    kill_changes: Arc<Notify>,
+    changes: Changes,
     /// The writer and the listener, stopped when the ledger is dropped.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -312,7 +330,11 @@ impl Ledger for PgLedger {
     }
 
     fn kill_changes(&self) -> Option<Arc<Notify>> {
-        Some(self.kill_changes.clone())
+        Some(self.changes.kills.clone())
+    }
+
+    fn key_changes(&self) -> Option<Arc<Notify>> {
+        Some(self.changes.keys.clone())
     }
 
     async fn record_lapses(&self, now: DateTime<Utc>, actor: &str) -> Result<Vec<Uuid>, LedgerError> {

@@ -42,9 +42,11 @@ pub(super) struct Tx<'a> {
     pub(super) kill_epoch: &'a mut Option<i64>,
 }
 
-/// The channel kill changes are announced on; the payload names the schema, so that replicas of
-/// another deployment sharing the database ignore them.
+/// The channel kill changes are announced on. On both channels the payload names the schema, so
+/// that replicas of another deployment sharing the database ignore them.
 pub(super) const KILL_CHANNEL: &str = "latchkey_kills";
+/// The channel signing-key changes (a new key, a retirement) are announced on.
+pub(super) const KEY_CHANNEL: &str = "latchkey_signing_keys";
 
 impl Tx<'_> {
     pub(super) async fn apply(&mut self, op: &Op) -> Result<Applied, LedgerError> {
@@ -113,6 +115,7 @@ impl Tx<'_> {
             }
             Op::InsertSigningKey { key, event } => {
                 self.insert_signing_key(key).await?;
+                self.announce(KEY_CHANNEL).await?;
                 self.append(event).await?;
                 Ok(Applied::keep(Reply::Done))
             }
@@ -251,6 +254,7 @@ impl Tx<'_> {
         if left.is_none() {
             return Err(LedgerError::Conflict("retiring the last signing key needs a replacement".into()));
         }
+        self.announce(KEY_CHANNEL).await?;
         let rows = sqlx::query(
             "SELECT id, state, agent, capability, subject, repository, fingerprint FROM credentials \
              WHERE backend = 'jwt' AND state IN ('pending', 'active') \
@@ -684,11 +688,17 @@ impl Tx<'_> {
         Ok(Applied::keep(Reply::KillEffect(effect)))
     }
 
-    /// Moves the kill epoch and announces it; the notification is delivered on COMMIT only.
+    /// Moves the kill epoch and announces it.
     async fn bump_kill_epoch(&mut self) -> Result<(), LedgerError> {
         *self.kill_epoch = None;
         self.exec(sqlx::query("UPDATE kill_epoch SET epoch = epoch + 1 WHERE id = 1")).await?;
-        self.exec(sqlx::query("SELECT pg_notify($1, current_schema())::text").bind(KILL_CHANNEL)).await?;
+        self.announce(KILL_CHANNEL).await
+    }
+
+    /// Tells every replica's listener on `channel` that this schema changed. PostgreSQL delivers
+    /// the notification on COMMIT only, and never for a transaction rolled back.
+    async fn announce(&mut self, channel: &'static str) -> Result<(), LedgerError> {
+        self.exec(sqlx::query("SELECT pg_notify($1, current_schema())::text").bind(channel)).await?;
         Ok(())
     }
 
