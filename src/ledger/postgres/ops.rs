@@ -466,6 +466,11 @@ impl Tx<'_> {
     /// Steps 5 to 7 at once for credentials no outside system holds (`jwt`): the activation's
     /// checks first, then the rows written once, already `allowed` and `active`. No kill can
     /// have marked rows that did not exist, so the gate is the whole check.
+    ///
+    /// The `jti` is spent and every row written by one statement (one round trip instead of one
+    /// per row; the writer's round trips are what bounds an exchange's cost here): each insert
+    /// takes its rows from `go`, which is empty when the `jti` was already spent, so a replay
+    /// writes nothing.
     async fn issue_local(
         &mut self,
         exchange: &ExchangeParams,
@@ -475,24 +480,130 @@ impl Tx<'_> {
         event: &EventParams,
     ) -> Result<Applied, LedgerError> {
         check_intent(exchange, credentials)?;
-        if let Some(refused) = self.gate(gate, None).await? {
+        if let Some(refused) = self.checks(gate, None).await? {
             return Ok(Applied::undo(Reply::Activation(refused)));
         }
-        self.insert_exchange(exchange, ExchangeState::Allowed).await?;
-        for c in credentials {
-            self.insert_credential(c, CredentialState::Active).await?;
+        let (issuer, jti, capability, keep_until) = match &gate.jti {
+            Some((issuer, jti, capability, keep_until)) => {
+                (Some(issuer), Some(jti), Some(capability), Some(keep_until))
+            }
+            None => (None, None, None, None),
+        };
+        let e = exchange;
+        let seq = self.head.seq + 1;
+        let hash = chain_hash(&self.head.hash, event.body.as_bytes());
+        let column = |f: fn(&CredentialParams) -> Option<&str>| credentials.iter().map(f).collect::<Vec<_>>();
+        let spent: bool = sqlx::query_scalar(concat!(
+            "WITH spent AS (",
+            "INSERT INTO spent_jti (issuer, jti, capability, keep_until) ",
+            "SELECT $1, $2, $3, $4 WHERE $2::text IS NOT NULL ",
+            "ON CONFLICT (issuer, jti, capability) DO NOTHING RETURNING 1",
+            "), go AS (SELECT 1 FROM spent UNION ALL SELECT 1 WHERE $2::text IS NULL",
+            "), exchange AS (INSERT INTO exchanges (",
+            rows::exchange_columns!(),
+            ") SELECT $5, $6, $7, 'allowed', $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 FROM go",
+            "), credential AS (INSERT INTO credentials (",
+            rows::credential_columns!(),
+            ") SELECT c.id, c.exchange_id, c.name, c.backend, 'active', c.agent, c.capability, c.issuer, ",
+            "c.subject, c.repository, c.workflow, c.created_at, c.expires_at, c.fingerprint, c.handle, ",
+            "c.revoke_requested, c.revoked_at FROM go, unnest($21::text[], $22::text[], $23::text[], ",
+            "$24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], ",
+            "$31::text[], $32::text[], $33::text[], $34::bytea[], $35::bool[], $36::text[]) AS c(id, ",
+            "exchange_id, name, backend, agent, capability, issuer, subject, repository, workflow, ",
+            "created_at, expires_at, fingerprint, handle, revoke_requested, revoked_at)",
+            "), job AS (INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts, backend) ",
+            "SELECT j.id, j.kind, j.credential_id, j.kill_id, j.run_at, 0, j.backend FROM go, ",
+            "unnest($37::text[], $38::text[], $39::text[], $40::text[], $41::text[], $42::text[]) ",
+            "AS j(id, kind, credential_id, kill_id, run_at, backend)",
+            "), event AS (INSERT INTO audit_events (seq, prev_hash, hash, body) SELECT $43, $44, $45, $46 FROM go",
+            ") SELECT EXISTS (SELECT 1 FROM go)"
+        ))
+        .bind(issuer)
+        .bind(jti)
+        .bind(capability)
+        .bind(keep_until)
+        .bind(&e.id)
+        .bind(&e.request_id)
+        .bind(&e.created_at)
+        .bind(&e.error)
+        .bind(&e.reason)
+        .bind(&e.issuer)
+        .bind(&e.subject)
+        .bind(&e.repository)
+        .bind(&e.workflow)
+        .bind(&e.capability)
+        .bind(&e.agent)
+        .bind(&e.claims)
+        .bind(&e.trace)
+        .bind(&e.policy_sha256)
+        .bind(&e.release_token_sha256)
+        .bind(&e.expires_at)
+        .bind(column(|c| Some(&c.id)))
+        .bind(column(|c| Some(&c.exchange_id)))
+        .bind(column(|c| Some(&c.name)))
+        .bind(column(|c| Some(c.backend)))
+        .bind(column(|c| Some(&c.agent)))
+        .bind(column(|c| Some(&c.capability)))
+        .bind(column(|c| Some(&c.issuer)))
+        .bind(column(|c| Some(&c.subject)))
+        .bind(column(|c| c.repository.as_deref()))
+        .bind(column(|c| c.workflow.as_deref()))
+        .bind(column(|c| Some(&c.created_at)))
+        .bind(column(|c| Some(&c.expires_at)))
+        .bind(column(|c| c.fingerprint.as_deref()))
+        .bind(credentials.iter().map(|c| c.handle.as_deref()).collect::<Vec<_>>())
+        .bind(credentials.iter().map(|c| c.revoke_requested).collect::<Vec<_>>())
+        .bind(column(|c| c.revoked_at.as_deref()))
+        .bind(jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.kind).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.credential_id.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.kill_id.as_deref()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.run_at.as_str()).collect::<Vec<_>>())
+        .bind(jobs.iter().map(|j| j.backend).collect::<Vec<_>>())
+        .bind(seq)
+        .bind(hex::encode(self.head.hash))
+        .bind(hex::encode(hash))
+        .bind(&event.body)
+        .fetch_one(&mut *self.conn)
+        .await
+        .map_err(db_err)?;
+        if !spent {
+            return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
         }
-        for job in jobs {
-            self.insert_job(job).await?;
-        }
-        self.append(event).await?;
+        *self.head = ChainHead { seq, hash };
         Ok(Applied::keep(Reply::Activation(Activation::Activated)))
     }
 
-    /// The checks every activation passes under the chain lock: a refusal, or `None` when the
-    /// credentials may become active (and the `jti` is then spent). `exchange_id` names rows
+    /// The checks every activation passes under the chain lock, and then the `jti` spent: a
+    /// refusal, or `None` when the credentials may become active. `exchange_id` names rows
     /// already written pending, which a kill may have marked.
     async fn gate(&mut self, gate: &Gate, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
+        if let Some(refused) = self.checks(gate, exchange_id).await? {
+            return Ok(Some(refused));
+        }
+        // (4) Single use, across replicas: the primary key makes a second spend a no-op.
+        if let Some((issuer, jti, capability, keep_until)) = &gate.jti {
+            let n = self
+                .exec(
+                    sqlx::query(
+                        "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (issuer, jti, capability) DO NOTHING",
+                    )
+                    .bind(issuer)
+                    .bind(jti)
+                    .bind(capability)
+                    .bind(keep_until),
+                )
+                .await?;
+            if n == 0 {
+                return Ok(Some(Activation::Replay));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Steps (1) to (3) of the gate: everything but spending the `jti`.
+    async fn checks(&mut self, gate: &Gate, exchange_id: Option<&str>) -> Result<Option<Activation>, LedgerError> {
         // (1) A kill created since the in-memory check of step 3 saw the rules: judge again.
         let epoch = match *self.kill_epoch {
             Some(epoch) => epoch,
@@ -526,25 +637,6 @@ impl Tx<'_> {
                     .await?;
             if live.exchanges >= u64::from(limit.limit) {
                 return Ok(Some(Activation::Limited { live: live.exchanges }));
-            }
-        }
-
-        // (4) Single use, across replicas: the primary key makes a second spend a no-op.
-        if let Some((issuer, jti, capability, keep_until)) = &gate.jti {
-            let n = self
-                .exec(
-                    sqlx::query(
-                        "INSERT INTO spent_jti (issuer, jti, capability, keep_until) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (issuer, jti, capability) DO NOTHING",
-                    )
-                    .bind(issuer)
-                    .bind(jti)
-                    .bind(capability)
-                    .bind(keep_until),
-                )
-                .await?;
-            if n == 0 {
-                return Ok(Some(Activation::Replay));
             }
         }
         Ok(None)
