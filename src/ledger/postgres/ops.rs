@@ -493,7 +493,7 @@ impl Tx<'_> {
         let seq = self.head.seq + 1;
         let hash = chain_hash(&self.head.hash, event.body.as_bytes());
         let column = |f: fn(&CredentialParams) -> Option<&str>| credentials.iter().map(f).collect::<Vec<_>>();
-        let spent: bool = sqlx::query_scalar(concat!(
+        let written: bool = sqlx::query_scalar(concat!(
             "WITH spent AS (",
             "INSERT INTO spent_jti (issuer, jti, capability, keep_until) ",
             "SELECT $1, $2, $3, $4 WHERE $2::text IS NOT NULL ",
@@ -567,7 +567,7 @@ impl Tx<'_> {
         .fetch_one(&mut *self.conn)
         .await
         .map_err(db_err)?;
-        if !spent {
+        if !written {
             return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
         }
         *self.head = ChainHead { seq, hash };
