@@ -4,8 +4,8 @@
 //! never interleave with another replica's.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
 use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::db_err;
@@ -41,6 +41,61 @@ pub(super) struct Tx<'a> {
     /// transaction holds, so once read it holds for every later command of the batch.
     pub(super) kill_epoch: &'a mut Option<i64>,
 }
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds `e`'s columns to the next 17 parameters, in `exchange_columns!()` order, with `state`
+/// as its state.
+fn bind_exchange<'q>(q: PgQuery<'q>, e: &'q ExchangeParams, state: ExchangeState) -> PgQuery<'q> {
+    q.bind(&e.id)
+        .bind(&e.request_id)
+        .bind(&e.created_at)
+        .bind(state.as_str())
+        .bind(&e.error)
+        .bind(&e.reason)
+        .bind(&e.issuer)
+        .bind(&e.subject)
+        .bind(&e.repository)
+        .bind(&e.workflow)
+        .bind(&e.capability)
+        .bind(&e.agent)
+        .bind(&e.claims)
+        .bind(&e.trace)
+        .bind(&e.policy_sha256)
+        .bind(&e.release_token_sha256)
+        .bind(&e.expires_at)
+}
+
+/// [`Tx::issue_local`]'s one statement. `$1` to `$4` spend the `jti` (`$2` null: the issuer
+/// sets none), `$5` to `$21` are the exchange ([`bind_exchange`]), `$22` to `$37` its
+/// credentials and `$38` to `$43` their jobs, column by column as arrays, and `$44` to `$47` the
+/// audit event. Every insert takes its rows from `go`, which is empty when the `jti` was spent
+/// already; the answer says whether anything was written.
+const ISSUE_LOCAL: &str = concat!(
+    "WITH spent AS (",
+    "INSERT INTO spent_jti (issuer, jti, capability, keep_until) ",
+    "SELECT $1, $2, $3, $4 WHERE $2::text IS NOT NULL ",
+    "ON CONFLICT (issuer, jti, capability) DO NOTHING RETURNING 1",
+    "), go AS (SELECT 1 FROM spent UNION ALL SELECT 1 WHERE $2::text IS NULL",
+    "), exchange AS (INSERT INTO exchanges (",
+    rows::exchange_columns!(),
+    ") SELECT $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21 FROM go",
+    "), credential AS (INSERT INTO credentials (",
+    rows::credential_columns!(),
+    ") SELECT c.id, c.exchange_id, c.name, c.backend, 'active', c.agent, c.capability, c.issuer, ",
+    "c.subject, c.repository, c.workflow, c.created_at, c.expires_at, c.fingerprint, c.handle, ",
+    "c.revoke_requested, c.revoked_at FROM go, unnest($22::text[], $23::text[], $24::text[], ",
+    "$25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[], ",
+    "$32::text[], $33::text[], $34::text[], $35::bytea[], $36::bool[], $37::text[]) AS c(id, ",
+    "exchange_id, name, backend, agent, capability, issuer, subject, repository, workflow, ",
+    "created_at, expires_at, fingerprint, handle, revoke_requested, revoked_at)",
+    "), job AS (INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts, backend) ",
+    "SELECT j.id, j.kind, j.credential_id, j.kill_id, j.run_at, 0, j.backend FROM go, ",
+    "unnest($38::text[], $39::text[], $40::text[], $41::text[], $42::text[], $43::text[]) ",
+    "AS j(id, kind, credential_id, kill_id, run_at, backend)",
+    "), event AS (INSERT INTO audit_events (seq, prev_hash, hash, body) SELECT $44, $45, $46, $47 FROM go",
+    ") SELECT EXISTS (SELECT 1 FROM go)"
+);
 
 /// The channel kill changes are announced on. On both channels the payload names the schema, so
 /// that replicas of another deployment sharing the database ignore them.
@@ -315,10 +370,7 @@ impl Tx<'_> {
         Ok(Applied::keep(Reply::Resealed(count)))
     }
 
-    async fn exec(
-        &mut self,
-        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> Result<u64, LedgerError> {
+    async fn exec(&mut self, q: PgQuery<'_>) -> Result<u64, LedgerError> {
         q.execute(&mut *self.conn).await.map(|r| r.rows_affected()).map_err(db_err)
     }
 
@@ -340,31 +392,12 @@ impl Tx<'_> {
 
     /// Inserts `e` in `state` (an exchange may be written in a later state than it was built in).
     async fn insert_exchange(&mut self, e: &ExchangeParams, state: ExchangeState) -> Result<(), LedgerError> {
-        self.exec(
-            sqlx::query(concat!(
-                "INSERT INTO exchanges (",
-                rows::exchange_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-            ))
-            .bind(&e.id)
-            .bind(&e.request_id)
-            .bind(&e.created_at)
-            .bind(state.as_str())
-            .bind(&e.error)
-            .bind(&e.reason)
-            .bind(&e.issuer)
-            .bind(&e.subject)
-            .bind(&e.repository)
-            .bind(&e.workflow)
-            .bind(&e.capability)
-            .bind(&e.agent)
-            .bind(&e.claims)
-            .bind(&e.trace)
-            .bind(&e.policy_sha256)
-            .bind(&e.release_token_sha256)
-            .bind(&e.expires_at),
-        )
-        .await?;
+        let insert = sqlx::query(concat!(
+            "INSERT INTO exchanges (",
+            rows::exchange_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        ));
+        self.exec(bind_exchange(insert, e, state)).await?;
         Ok(())
     }
 
@@ -467,10 +500,9 @@ impl Tx<'_> {
     /// checks first, then the rows written once, already `allowed` and `active`. No kill can
     /// have marked rows that did not exist, so the gate is the whole check.
     ///
-    /// The `jti` is spent and every row written by one statement (one round trip instead of one
-    /// per row; the writer's round trips are what bounds an exchange's cost here): each insert
-    /// takes its rows from `go`, which is empty when the `jti` was already spent, so a replay
-    /// writes nothing.
+    /// The `jti` is spent and every row written by one statement, [`ISSUE_LOCAL`]: one round
+    /// trip instead of one per row (the writer's round trips are what bounds an exchange's cost
+    /// here). A replay writes nothing.
     async fn issue_local(
         &mut self,
         exchange: &ExchangeParams,
@@ -489,55 +521,14 @@ impl Tx<'_> {
             }
             None => (None, None, None, None),
         };
-        let e = exchange;
         let seq = self.head.seq + 1;
         let hash = chain_hash(&self.head.hash, event.body.as_bytes());
         let column = |f: fn(&CredentialParams) -> Option<&str>| credentials.iter().map(f).collect::<Vec<_>>();
-        let written: bool = sqlx::query_scalar(concat!(
-            "WITH spent AS (",
-            "INSERT INTO spent_jti (issuer, jti, capability, keep_until) ",
-            "SELECT $1, $2, $3, $4 WHERE $2::text IS NOT NULL ",
-            "ON CONFLICT (issuer, jti, capability) DO NOTHING RETURNING 1",
-            "), go AS (SELECT 1 FROM spent UNION ALL SELECT 1 WHERE $2::text IS NULL",
-            "), exchange AS (INSERT INTO exchanges (",
-            rows::exchange_columns!(),
-            ") SELECT $5, $6, $7, 'allowed', $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 FROM go",
-            "), credential AS (INSERT INTO credentials (",
-            rows::credential_columns!(),
-            ") SELECT c.id, c.exchange_id, c.name, c.backend, 'active', c.agent, c.capability, c.issuer, ",
-            "c.subject, c.repository, c.workflow, c.created_at, c.expires_at, c.fingerprint, c.handle, ",
-            "c.revoke_requested, c.revoked_at FROM go, unnest($21::text[], $22::text[], $23::text[], ",
-            "$24::text[], $25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], ",
-            "$31::text[], $32::text[], $33::text[], $34::bytea[], $35::bool[], $36::text[]) AS c(id, ",
-            "exchange_id, name, backend, agent, capability, issuer, subject, repository, workflow, ",
-            "created_at, expires_at, fingerprint, handle, revoke_requested, revoked_at)",
-            "), job AS (INSERT INTO jobs (id, kind, credential_id, kill_id, run_at, attempts, backend) ",
-            "SELECT j.id, j.kind, j.credential_id, j.kill_id, j.run_at, 0, j.backend FROM go, ",
-            "unnest($37::text[], $38::text[], $39::text[], $40::text[], $41::text[], $42::text[]) ",
-            "AS j(id, kind, credential_id, kill_id, run_at, backend)",
-            "), event AS (INSERT INTO audit_events (seq, prev_hash, hash, body) SELECT $43, $44, $45, $46 FROM go",
-            ") SELECT EXISTS (SELECT 1 FROM go)"
-        ))
-        .bind(issuer)
-        .bind(jti)
-        .bind(capability)
-        .bind(keep_until)
-        .bind(&e.id)
-        .bind(&e.request_id)
-        .bind(&e.created_at)
-        .bind(&e.error)
-        .bind(&e.reason)
-        .bind(&e.issuer)
-        .bind(&e.subject)
-        .bind(&e.repository)
-        .bind(&e.workflow)
-        .bind(&e.capability)
-        .bind(&e.agent)
-        .bind(&e.claims)
-        .bind(&e.trace)
-        .bind(&e.policy_sha256)
-        .bind(&e.release_token_sha256)
-        .bind(&e.expires_at)
+        let row = bind_exchange(
+            sqlx::query(ISSUE_LOCAL).bind(issuer).bind(jti).bind(capability).bind(keep_until),
+            exchange,
+            ExchangeState::Allowed,
+        )
         .bind(column(|c| Some(&c.id)))
         .bind(column(|c| Some(&c.exchange_id)))
         .bind(column(|c| Some(&c.name)))
@@ -567,6 +558,7 @@ impl Tx<'_> {
         .fetch_one(&mut *self.conn)
         .await
         .map_err(db_err)?;
+        let written: bool = row.try_get(0).map_err(db_err)?;
         if !written {
             return Ok(Applied::undo(Reply::Activation(Activation::Replay)));
         }
